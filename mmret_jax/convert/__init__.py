@@ -1,0 +1,115 @@
+"""Hugging Face / PyTorch weights <-> mmret_jax params. CLI: `python -m mmret_jax.convert`."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import types
+
+import numpy as np
+
+from mmret_jax.convert import bert as bert_family
+from mmret_jax.convert.core import (ConversionError, META_FILE, copy_tokenizer_files, is_converted_dir,
+                                    read_converted, read_state_dict, write_converted)
+
+# family name -> key-map module; HF model_type -> family name.
+FAMILIES: dict[str, types.ModuleType] = {"bert": bert_family}
+MODEL_TYPE_TO_FAMILY = {mt: "bert" for mt in bert_family.MODEL_TYPES}
+
+__all__ = ["ConversionError", "to_jax", "to_hf", "convert_in_memory", "load_any", "is_converted_dir"]
+
+
+def _family_for(hf_config: dict, family: str | None) -> tuple[str, types.ModuleType]:
+  if family is not None:
+    if family not in FAMILIES:
+      raise ConversionError(f"Unknown --family {family!r}; known: {', '.join(sorted(FAMILIES))}")
+    return family, FAMILIES[family]
+  mt = hf_config.get("model_type")
+  if mt not in MODEL_TYPE_TO_FAMILY:
+    raise ConversionError(
+        f"model_type {mt!r} is not supported yet; supported: {', '.join(sorted(MODEL_TYPE_TO_FAMILY))}")
+  name = MODEL_TYPE_TO_FAMILY[mt]
+  return name, FAMILIES[name]
+
+
+def _read_hf_config(src: pathlib.Path, config: str | os.PathLike | None) -> dict:
+  cfg_path = pathlib.Path(config) if config else (src / "config.json" if src.is_dir() else None)
+  if cfg_path is not None and cfg_path.is_dir():
+    cfg_path = cfg_path / "config.json"
+  if cfg_path is None:
+    raise ConversionError(f"{src} is a bare state dict: pass --config CONFIG.json (an HF config)")
+  if not cfg_path.exists():
+    raise ConversionError(f"No HF config at {cfg_path}")
+  try:
+    return json.loads(cfg_path.read_text())
+  except json.JSONDecodeError as e:
+    raise ConversionError(f"{cfg_path} is not valid JSON: {e}") from e
+
+
+def convert_in_memory(src: str | os.PathLike, *, config: str | os.PathLike | None = None,
+                      family: str | None = None) -> tuple[dict, dict, dict]:
+  """HF dir or bare state dict -> (meta, hf_config, params) without writing anything."""
+  src = pathlib.Path(src)
+  if not src.exists():
+    raise FileNotFoundError(f"Source not found: {src}")
+  hf_config = _read_hf_config(src, config)
+  name, fam = _family_for(hf_config, family)
+  params, meta = fam.to_params(read_state_dict(src), hf_config)
+  return {"family": name, **meta}, hf_config, params
+
+
+def to_jax(src: str | os.PathLike, dst: str | os.PathLike, *, config=None, family=None,
+           tokenizer: str | os.PathLike | None = None) -> dict:
+  """Converts an HF dir (or bare .safetensors/.bin/.pth + config) into a converted dir."""
+  meta, hf_config, params = convert_in_memory(src, config=config, family=family)
+  src = pathlib.Path(src)
+  tok_src = tokenizer or (src if src.is_dir() else (pathlib.Path(config).parent if config else None))
+  fam_name = meta.pop("family")
+  copied = write_converted(dst, family=fam_name, hf_config=hf_config, params=params, meta=meta,
+                           tokenizer_src=tok_src)
+  return {"family": fam_name, **meta, "tokenizer_files": copied,
+          "num_params": int(sum(np.asarray(x).size for x in _leaves(params)))}
+
+
+def to_hf(src: str | os.PathLike, dst: str | os.PathLike) -> dict:
+  """Converted dir -> HF dir (model.safetensors + config.json + tokenizer files)."""
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  meta, hf_config, params = read_converted(src)
+  name, fam = _family_for(hf_config, meta.get("family"))
+  sd = fam.to_state_dict(params, hf_config, meta)
+  dst = pathlib.Path(dst)
+  dst.mkdir(parents=True, exist_ok=True)
+  save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+  (dst / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
+  copied = copy_tokenizer_files(pathlib.Path(src), dst)
+  return {"family": name, "num_keys": len(sd), "tokenizer_files": copied}
+
+
+def load_any(path: str | os.PathLike) -> tuple[dict, dict, dict, bool]:
+  """(meta, hf_config, params, converted_on_the_fly) from a converted dir or an HF dir."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"Model directory not found: {path}")
+  if is_converted_dir(path):
+    meta, hf_config, params = read_converted(path)
+    return meta, hf_config, params, False
+  if path.is_dir() and (path / "config.json").exists():
+    meta, hf_config, params = convert_in_memory(path)
+    return meta, hf_config, params, True
+  raise ConversionError(f"{path} is neither a converted mmret_jax dir ({META_FILE}) nor a Hugging Face "
+                        "model dir (config.json + weights)")
+
+
+def build_model(meta: dict, hf_config: dict, **kw):
+  """The Flax module for a (meta, hf_config) pair."""
+  _, fam = _family_for(hf_config, meta.get("family"))
+  return fam.build_model(hf_config, meta, **kw)
+
+
+def _leaves(tree):
+  if isinstance(tree, dict):
+    for v in tree.values():
+      yield from _leaves(v)
+  else:
+    yield tree

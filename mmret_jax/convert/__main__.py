@@ -1,0 +1,54 @@
+"""`python -m mmret_jax.convert {to-jax,to-hf} SRC DST`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(prog="python -m mmret_jax.convert", description=__doc__)
+  sub = ap.add_subparsers(dest="cmd", required=True)
+  a = sub.add_parser("to-jax", help="Hugging Face / PyTorch weights -> converted mmret_jax dir")
+  a.add_argument("src", help="HF model dir (config.json + model.safetensors|pytorch_model.bin) "
+                             "or a bare .safetensors/.bin/.pth state dict (needs --config)")
+  a.add_argument("dst")
+  a.add_argument("--config", help="HF config.json (or a dir holding one) for a bare state dict")
+  a.add_argument("--family", help="force the key map (default: from config model_type)")
+  a.add_argument("--tokenizer", help="dir with tokenizer files (default: SRC, or --config's dir)")
+  a.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+  b = sub.add_parser("to-hf", help="converted mmret_jax dir -> Hugging Face dir (safetensors)")
+  b.add_argument("src")
+  b.add_argument("dst")
+  b.add_argument("--overwrite", action="store_true")
+  args = ap.parse_args(argv)
+
+  from mmret_jax import convert  # pylint: disable=import-outside-toplevel
+  dst = pathlib.Path(args.dst)
+  if dst.exists() and any(dst.iterdir()) and not args.overwrite:
+    print(f"error: {dst} exists and is not empty (pass --overwrite)", file=sys.stderr)
+    return 2
+  try:
+    if args.cmd == "to-jax":
+      info = convert.to_jax(args.src, dst, config=args.config, family=args.family, tokenizer=args.tokenizer)
+      print(f"converted {args.src} -> {dst}: family={info['family']} prefix={info['hf_prefix']!r} "
+            f"heads(pooler={info['pooler']}, mlm={info['mlm']}, cl={info['cl']}) "
+            f"params={info['num_params']:,} tokenizer files={info['tokenizer_files'] or 'none'}")
+      if not info["tokenizer_files"]:
+        print("warning: no tokenizer files copied; pass --tokenizer DIR to embed text with this model",
+              file=sys.stderr)
+    else:
+      info = convert.to_hf(args.src, dst)
+      print(f"wrote {dst}: {info['num_keys']} tensors, tokenizer files={info['tokenizer_files'] or 'none'}")
+  except (convert.ConversionError, FileNotFoundError, ImportError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

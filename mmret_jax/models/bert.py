@@ -1,0 +1,293 @@
+"""BERT and RoBERTa encoders (Devlin et al. 2019; Liu et al. 2019) in Flax linen.
+
+Mirrors Hugging Face `BertModel` / `RobertaModel` (post-LN blocks, exact GELU,
+absolute positions; RoBERTa's position ids start after `pad_token_id`), with
+optional heads: the pooler (`pooler/dense` + tanh), the MLM head (BERT
+`cls/predictions`, RoBERTa `lm_head`, decoder tied to the word embeddings), and
+the SimCSE / BLaIR training head `mlp/dense` + tanh. A layer's cross-attention
+sub-block (BLIP text encoder, BagFormer) is the `add_cross_attention` flag.
+
+Param paths mirror HF state-dict keys with `.` -> `/` and `encoder/layer/{i}`
+-> `encoder/layer_{i}` (see `mmret_jax/convert/bert.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmret_jax.models import layers
+
+Array = jax.Array
+Dtype = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """HF `BertConfig` / `RobertaConfig` fields (names match config.json)."""
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  intermediate_size: int = 3072
+  hidden_act: str = "gelu"
+  hidden_dropout_prob: float = 0.1
+  attention_probs_dropout_prob: float = 0.1
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  pad_token_id: int = 0
+  model_type: str = "bert"
+  position_embedding_type: str = "absolute"
+  is_decoder: bool = False  # causal self-attention (BLIP text decoder / HF decoder mode)
+  add_cross_attention: bool = False
+  encoder_width: int | None = None  # width of cross-attended states (BLIP); None = hidden_size
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "BertConfig":
+    """Builds from an HF config dict, ignoring fields we do not model; rejects unsupported ones."""
+    mt = d.get("model_type", "bert")
+    if mt not in ("bert", "roberta", "xlm-roberta"):
+      raise ValueError(f"Not a BERT-family config: model_type={mt!r}")
+    pet = d.get("position_embedding_type", "absolute")
+    if pet != "absolute":
+      raise ValueError(f"position_embedding_type={pet!r} is not supported (only 'absolute')")
+    names = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: v for k, v in d.items() if k in names and v is not None}
+    kw["model_type"] = mt
+    return cls(**kw)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @property
+  def is_roberta(self) -> bool:
+    return self.model_type in ("roberta", "xlm-roberta")
+
+
+PRESETS = {
+    "bert-base": BertConfig(),
+    "bert-large": BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                             intermediate_size=4096),
+    "roberta-base": BertConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
+                               layer_norm_eps=1e-5, pad_token_id=1, model_type="roberta"),
+    "roberta-large": BertConfig(vocab_size=50265, hidden_size=1024, num_hidden_layers=24,
+                                num_attention_heads=16, intermediate_size=4096,
+                                max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
+                                pad_token_id=1, model_type="roberta"),
+}
+
+
+def position_ids_for(config: BertConfig, input_ids: Array) -> Array:
+  """[B, L] position ids: 0..L-1 for BERT; RoBERTa counts non-pad tokens from pad_token_id + 1."""
+  if config.is_roberta:
+    not_pad = (input_ids != config.pad_token_id).astype(jnp.int32)
+    return jnp.cumsum(not_pad, axis=1) * not_pad + config.pad_token_id
+  return jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+
+
+class BertEmbeddings(nn.Module):
+  """HF BertEmbeddings: word + token type + position, LayerNorm, dropout."""
+  config: BertConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    c = self.config
+    emb = lambda num, axes: layers.Embed(num, c.hidden_size, axes, param_dtype=self.param_dtype)
+    self.word_embeddings = emb(c.vocab_size, ("vocab", "embed"))
+    self.token_type_embeddings = emb(c.type_vocab_size, (None, "embed"))
+    self.position_embeddings = emb(c.max_position_embeddings, (None, "embed"))
+    self.LayerNorm = layers.LayerNorm(c.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+    self.dropout = nn.Dropout(c.hidden_dropout_prob)
+
+  def __call__(self, input_ids, token_type_ids, position_ids, deterministic=True):
+    """[B, L] ids -> [B, L, D]."""
+    h = (self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+         + self.position_embeddings(position_ids))
+    return self.dropout(self.LayerNorm(h), deterministic=deterministic)
+
+  def attend(self, h: Array) -> Array:
+    """[B, L, D] -> [B, L, V] against the word table (tied MLM decoder)."""
+    return self.word_embeddings.attend(h.astype(self.dtype))
+
+
+class BertAttentionBlock(nn.Module):
+  """HF BertAttention: `self` (q/k/v + softmax) then `output` (dense, dropout, residual LN)."""
+  config: BertConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, kv, mask, deterministic=True):
+    c = self.config
+    ctx = layers.Attention(c.num_attention_heads, c.hidden_size,
+                           dropout_rate=c.attention_probs_dropout_prob, dtype=self.dtype,
+                           param_dtype=self.param_dtype, name="self")(x, kv, mask, deterministic)
+    return layers.ResidualPostLN(c.hidden_size, epsilon=c.layer_norm_eps,
+                                 dropout_rate=c.hidden_dropout_prob, dtype=self.dtype,
+                                 param_dtype=self.param_dtype, name="output")(ctx, x, deterministic)
+
+
+class BertLayer(nn.Module):
+  """One post-LN block: self-attention, optional cross-attention, MLP."""
+  config: BertConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask, encoder_hidden_states=None, encoder_mask=None, deterministic=True):
+    """x: [B, L, D]; mask: bool [B, 1, 1, L]; encoder_hidden_states: [B, S, De]."""
+    c = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = layers.constrain(x, ("batch", "length", "embed"))
+    h = BertAttentionBlock(c, name="attention", **kw)(x, None, mask, deterministic)
+    if c.add_cross_attention:
+      if encoder_hidden_states is None:
+        raise ValueError("add_cross_attention=True needs encoder_hidden_states")
+      h = BertAttentionBlock(c, name="crossattention", **kw)(
+          h, encoder_hidden_states, encoder_mask, deterministic)
+    inter = layers.DenseAct(c.intermediate_size, c.hidden_act, name="intermediate", **kw)(h)
+    out = layers.ResidualPostLN(c.hidden_size, in_axis="mlp", epsilon=c.layer_norm_eps,
+                                dropout_rate=c.hidden_dropout_prob, name="output", **kw)(
+                                    inter, h, deterministic)
+    return layers.constrain(out, ("batch", "length", "embed"))
+
+
+class MlmHead(nn.Module):
+  """Masked-LM head, tied decoder + `bias`. RoBERTa (`lm_head`): dense, exact GELU, `layer_norm`;
+  BERT (`cls/predictions`): `transform/{dense, LayerNorm}` with `hidden_act`."""
+  config: BertConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, h: Array, embeddings: BertEmbeddings) -> Array:
+    """[B, L, D] -> float32 logits [B, L, V]."""
+    c = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    if c.is_roberta:
+      h = layers.get_activation("gelu")(layers.Dense(c.hidden_size, ("mlp", "embed"), name="dense", **kw)(h))
+      h = layers.LayerNorm(c.layer_norm_eps, name="layer_norm", **kw)(h)
+    else:
+      h = _BertTransform(c, name="transform", **kw)(h)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vocab",)),
+                      (c.vocab_size,), self.param_dtype)
+    return embeddings.attend(h).astype(jnp.float32) + bias
+
+
+class _BertTransform(nn.Module):
+  config: BertConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, h):
+    c = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = layers.get_activation(c.hidden_act)(
+        layers.Dense(c.hidden_size, ("mlp", "embed"), name="dense", **kw)(h))
+    return layers.LayerNorm(c.layer_norm_eps, name="LayerNorm", **kw)(h)
+
+
+class _BertCls(nn.Module):
+  """HF BertOnlyMLMHead: `cls/predictions`."""
+  config: BertConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, h, embeddings):
+    return MlmHead(self.config, self.dtype, self.param_dtype, name="predictions")(h, embeddings)
+
+
+class BertEncoder(nn.Module):
+  """HF BertEncoder: `layer_{i}` blocks; returns every hidden state after each block."""
+  config: BertConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, h, mask, encoder_hidden_states=None, encoder_mask=None, deterministic=True):
+    # static_argnums counts `self` as 0: argument 5 is `deterministic`.
+    block = nn.remat(BertLayer, static_argnums=(5,)) if self.remat else BertLayer
+    states = []
+    for i in range(self.config.num_hidden_layers):
+      h = block(self.config, self.dtype, self.param_dtype, name=f"layer_{i}")(
+          h, mask, encoder_hidden_states, encoder_mask, deterministic)
+      states.append(h)
+    return states
+
+
+class BertModel(nn.Module):
+  """BERT / RoBERTa encoder with optional pooler, MLM head and SimCSE/BLaIR `mlp` head.
+
+  Returns a dict: `last_hidden_state` [B, L, D]; `pooler_output` [B, D] if
+  `add_pooling_layer`; `hidden_states` (embeddings + every layer) if asked;
+  `mlm_logits` float32 [B, L, V] if `add_mlm_head` and `return_mlm_logits`;
+  `cl_output` [B, D] = tanh(mlp(h[:, 0])) if `add_cl_head`.
+  """
+  config: BertConfig
+  add_pooling_layer: bool = True
+  add_mlm_head: bool = False
+  add_cl_head: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, input_ids: Array, attention_mask: Array | None = None,
+               token_type_ids: Array | None = None, position_ids: Array | None = None,
+               encoder_hidden_states: Array | None = None,
+               encoder_attention_mask: Array | None = None, *,
+               deterministic: bool = True, output_hidden_states: bool = False,
+               return_mlm_logits: bool = False) -> dict[str, Array]:
+    c = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    if position_ids is None:
+      position_ids = position_ids_for(c, input_ids)
+    embeddings = BertEmbeddings(c, name="embeddings", **kw)
+    h0 = embeddings(input_ids, token_type_ids, position_ids, deterministic)
+    enc_mask = None
+    if encoder_hidden_states is not None:
+      if encoder_attention_mask is None:
+        encoder_attention_mask = jnp.ones(encoder_hidden_states.shape[:2], jnp.int32)
+      enc_mask = layers.attention_bias_from_mask(encoder_attention_mask)
+    states = BertEncoder(c, remat=self.remat, name="encoder", **kw)(
+        h0, layers.attention_bias_from_mask(attention_mask, input_ids.shape[1] if c.is_decoder else None),
+        encoder_hidden_states, enc_mask,
+        deterministic)
+    h = states[-1] if states else h0
+    out = {"last_hidden_state": h}
+    if output_hidden_states:
+      out["hidden_states"] = (h0, *states)
+    if self.add_pooling_layer:
+      out["pooler_output"] = layers.DenseAct(c.hidden_size, "tanh", ("embed", "mlp"),
+                                             name="pooler", **kw)(h[:, 0])
+    if self.add_cl_head:
+      out["cl_output"] = layers.DenseAct(c.hidden_size, "tanh", ("embed", "mlp"),
+                                         name="mlp", **kw)(h[:, 0])
+    if self.add_mlm_head and return_mlm_logits:
+      if c.is_roberta:
+        out["mlm_logits"] = MlmHead(c, name="lm_head", **kw)(h, embeddings)
+      else:
+        out["mlm_logits"] = _BertCls(c, name="cls", **kw)(h, embeddings)
+    return out
+
+
+def init_params(model: BertModel, rng: Array, seq_len: int = 8) -> dict:
+  """Initialises every param of `model` (all enabled heads) from `rng`; returns boxed params."""
+  ids = jnp.ones((1, seq_len), jnp.int32)
+  enc = None
+  if model.config.add_cross_attention:
+    enc = jnp.zeros((1, 2, model.config.encoder_width or model.config.hidden_size), jnp.float32)
+  return model.init(rng, ids, encoder_hidden_states=enc, return_mlm_logits=True)["params"]
