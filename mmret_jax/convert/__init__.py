@@ -101,6 +101,25 @@ def load_any(path: str | os.PathLike) -> tuple[dict, dict, dict, bool]:
                         "model dir (config.json + weights)")
 
 
+def resolve_pretrained(name_or_path: str) -> pathlib.Path:
+  """A local dir as is; a hub id (e.g. `roberta-base`) from the local HF cache, or downloaded when
+  online. Offline and not cached -> a clear error saying how to supply the weights."""
+  path = pathlib.Path(name_or_path).expanduser()
+  if path.exists():
+    return path
+  if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+    raise FileNotFoundError(f"init_from: no such directory {name_or_path}")
+  try:
+    from huggingface_hub import snapshot_download  # pylint: disable=import-outside-toplevel
+    return pathlib.Path(snapshot_download(
+        name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "merges.txt"]))
+  except Exception as e:  # offline, not cached, gated, ...  pylint: disable=broad-except
+    raise FileNotFoundError(
+        f"Cannot get {name_or_path!r} from the Hugging Face hub ({type(e).__name__}). On a machine with "
+        f"network: `huggingface-cli download {name_or_path} --local-dir DIR` (or `python -m "
+        f"mmret_jax.convert to-jax DIR CONVERTED`), then pass --config.init_from=DIR") from None
+
+
 def build_model(meta: dict, hf_config: dict, **kw):
   """The Flax module for a (meta, hf_config) pair."""
   _, fam = _family_for(hf_config, meta.get("family"))

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 
 from mmret_jax.convert.core import ConversionError, Rule, params_to_state_dict, state_dict_to_params
-from mmret_jax.models import bert
+from mmret_jax.models import bert, layers
 
 MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
 
@@ -90,8 +90,10 @@ def detect(sd: dict[str, np.ndarray]) -> dict:
     sample = ", ".join(sorted(sd)[:5])
     raise ConversionError(f"Not a BERT/RoBERTa state dict (no embeddings.word_embeddings); keys start: {sample}")
   for tied, table in (("lm_head.decoder.weight", prefix + "embeddings.word_embeddings.weight"),
-                      ("cls.predictions.decoder.weight", prefix + "embeddings.word_embeddings.weight")):
-    if tied in sd and not np.array_equal(sd[tied], sd[table]):
+                      ("cls.predictions.decoder.weight", prefix + "embeddings.word_embeddings.weight"),
+                      ("lm_head.decoder.bias", "lm_head.bias"),
+                      ("cls.predictions.decoder.bias", "cls.predictions.bias")):
+    if tied in sd and table in sd and not np.array_equal(sd[tied], sd[table]):
       raise ConversionError(f"{tied} is not tied to {table}: untied MLM decoders are not supported")
   return {
       "hf_prefix": prefix,
@@ -105,7 +107,12 @@ def config_from_hf(hf_config: dict) -> bert.BertConfig:
   mt = hf_config.get("model_type")
   if mt not in MODEL_TYPES:
     raise ConversionError(f"model_type {mt!r} is not a BERT-family model (supported: {', '.join(MODEL_TYPES)})")
-  return bert.BertConfig.from_dict(hf_config)
+  try:
+    config = bert.BertConfig.from_dict(hf_config)
+    layers.get_activation(config.hidden_act)
+    return config
+  except (TypeError, ValueError) as e:
+    raise ConversionError(f"Unsupported BERT-family config: {e}") from e
 
 
 def build_model(hf_config: dict, meta: dict, **kw) -> bert.BertModel:

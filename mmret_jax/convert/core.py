@@ -150,7 +150,10 @@ def state_dict_to_params(rules: list[Rule], sd: dict[str, np.ndarray],
   flat = {}
   for r in rules:
     if r.key in sd:
-      flat[r.path] = _to_ours(r.kind, np.asarray(sd[r.key]))
+      try:
+        flat[r.path] = _to_ours(r.kind, np.asarray(sd[r.key]))
+      except ConversionError as e:
+        raise ConversionError(f"{r.key}: {e}") from None
   if expected is not None:
     exp = {p: tuple(getattr(v, "shape", v)) for p, v in _flatten(expected).items()}
     bad = [f"{r.key} {tuple(sd[r.key].shape)} -> {'/'.join(r.path)} expects {exp[r.path]}"

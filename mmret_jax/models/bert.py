@@ -75,6 +75,10 @@ PRESETS = {
                              intermediate_size=4096),
     "roberta-base": BertConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
                                layer_norm_eps=1e-5, pad_token_id=1, model_type="roberta"),
+    # From-scratch smoke runs (vocab_size and pad_token_id come from the tokenizer).
+    "roberta-tiny": BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=256, max_position_embeddings=130, type_vocab_size=1,
+                               layer_norm_eps=1e-5, pad_token_id=1, model_type="roberta"),
     "roberta-large": BertConfig(vocab_size=50265, hidden_size=1024, num_hidden_layers=24,
                                 num_attention_heads=16, intermediate_size=4096,
                                 max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,

@@ -1,0 +1,1 @@
+"""Data: tokenizers, sources, preprocessing scripts and bundled samples."""

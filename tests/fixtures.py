@@ -1,0 +1,70 @@
+"""Tiny Hugging Face model directories built offline: random weights + real tokenizer files."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+CORPUS = [
+    "Great kettle boils fast and the handle stays cool.",
+    "AcmeBrew 1.7L Electric Kettle Auto shut-off BPA free stainless steel body with blue LED.",
+    "These running shoes are light, comfortable and true to size.",
+    "Trail runner shoe with breathable mesh upper and grippy rubber outsole.",
+    "I need a product that can scoop, measure, and rinse grains without multiple utensils.",
+    "Measure rinse and strain colander for the kitchen sink, dishwasher safe, dark blue.",
+    "Tactical gloves for hiking cycling climbing outdoor camping sports.",
+    "The phone case cracked after a week; would not buy again.",
+]
+
+
+def roberta_tokenizer(vocab_size: int = 300):
+  """A real byte-level BPE RobertaTokenizerFast trained on CORPUS (vocab <= vocab_size)."""
+  from mmret_jax.data.text import build_bpe_tokenizer  # pylint: disable=import-outside-toplevel
+  return build_bpe_tokenizer(CORPUS * 4, vocab_size)
+
+
+def bert_tokenizer():
+  """A real WordPiece BertTokenizerFast over the words of CORPUS."""
+  from transformers import BertTokenizerFast  # pylint: disable=import-outside-toplevel
+  words = sorted({w.strip(".,;").lower() for s in CORPUS for w in s.split()} | set("abcdefghijklmnopqrstuvwxyz"))
+  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", ";", "-"] + words
+  return BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True,
+                           model_max_length=512)
+
+
+def make_hf_dir(path: str | os.PathLike, family: str = "roberta", *, hidden_size: int = 32,
+                num_hidden_layers: int = 2, num_attention_heads: int = 4, intermediate_size: int = 37,
+                max_position_embeddings: int = 80, layer_norm_eps: float | None = None,
+                head: str | None = None, seed: int = 0, safe_serialization: bool = True):
+  """Writes a tiny HF dir (config, weights, tokenizer); returns (torch model, tokenizer).
+
+  `head`: None (AutoModel with pooler), "mlm" (ForMaskedLM).
+  """
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers as tf
+  path = pathlib.Path(path)
+  tok = roberta_tokenizer() if family == "roberta" else bert_tokenizer()
+  cfg_cls = tf.RobertaConfig if family == "roberta" else tf.BertConfig
+  extra = dict(pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1) if family == "roberta" else {}
+  cfg = cfg_cls(vocab_size=len(tok), hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                num_attention_heads=num_attention_heads, intermediate_size=intermediate_size,
+                max_position_embeddings=max_position_embeddings,
+                layer_norm_eps=layer_norm_eps or (1e-5 if family == "roberta" else 1e-12), **extra)
+  torch.manual_seed(seed)
+  if head == "mlm":
+    model = (tf.RobertaForMaskedLM if family == "roberta" else tf.BertForMaskedLM)(cfg)
+  else:
+    model = (tf.RobertaModel if family == "roberta" else tf.BertModel)(cfg)
+  # HF zero-inits biases and sets LN to identity: randomise everything so parity is meaningful.
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "LayerNorm" in name or "layer_norm" in name:
+        p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(p))
+      elif name.endswith("bias"):
+        p.copy_(0.05 * torch.randn_like(p))
+  model.eval()
+  model.save_pretrained(path, safe_serialization=safe_serialization)
+  tok.save_pretrained(path)
+  return model, tok
