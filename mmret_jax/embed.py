@@ -70,6 +70,8 @@ class Encoder:
   def from_dir(cls, path: str | os.PathLike, *, dtype: str = "float32", verbose: bool = False) -> "Encoder":
     from mmret_jax import convert  # pylint: disable=import-outside-toplevel
     meta, hf_config, params, on_the_fly = convert.load_any(path)
+    if not convert.is_converted_dir(path) and convert.is_converted_dir(pathlib.Path(path) / "model"):
+      path = pathlib.Path(path) / "model"  # a training workdir: its exported model
     if on_the_fly and verbose:
       print(f"note: {path} is a Hugging Face dir; converted in memory (save time next run with "
             f"`python -m mmret_jax.convert to-jax {path} DST`)", file=sys.stderr)

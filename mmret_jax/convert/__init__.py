@@ -91,6 +91,8 @@ def load_any(path: str | os.PathLike) -> tuple[dict, dict, dict, bool]:
   path = pathlib.Path(path)
   if not path.exists():
     raise FileNotFoundError(f"Model directory not found: {path}")
+  if not is_converted_dir(path) and is_converted_dir(path / "model"):  # a training workdir
+    path = path / "model"
   if is_converted_dir(path):
     meta, hf_config, params = read_converted(path)
     return meta, hf_config, params, False

@@ -40,6 +40,7 @@ class BertConfig:
   max_position_embeddings: int = 512
   type_vocab_size: int = 2
   layer_norm_eps: float = 1e-12
+  initializer_range: float = 0.02
   pad_token_id: int = 0
   model_type: str = "bert"
   position_embedding_type: str = "absolute"
@@ -76,9 +77,12 @@ PRESETS = {
     "roberta-base": BertConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
                                layer_norm_eps=1e-5, pad_token_id=1, model_type="roberta"),
     # From-scratch smoke runs (vocab_size and pad_token_id come from the tokenizer).
+    # A larger init std than HF's 0.02 (which suits width 768): at width 64 it would leave every
+    # CLS vector nearly identical at init, and contrastive training would idle for hundreds of steps.
     "roberta-tiny": BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                intermediate_size=256, max_position_embeddings=130, type_vocab_size=1,
-                               layer_norm_eps=1e-5, pad_token_id=1, model_type="roberta"),
+                               layer_norm_eps=1e-5, pad_token_id=1, model_type="roberta",
+                               initializer_range=0.1),
     "roberta-large": BertConfig(vocab_size=50265, hidden_size=1024, num_hidden_layers=24,
                                 num_attention_heads=16, intermediate_size=4096,
                                 max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
@@ -102,7 +106,8 @@ class BertEmbeddings(nn.Module):
 
   def setup(self):
     c = self.config
-    emb = lambda num, axes: layers.Embed(num, c.hidden_size, axes, param_dtype=self.param_dtype)
+    emb = lambda num, axes: layers.Embed(num, c.hidden_size, axes, param_dtype=self.param_dtype,
+                                         init_std=c.initializer_range)
     self.word_embeddings = emb(c.vocab_size, ("vocab", "embed"))
     self.token_type_embeddings = emb(c.type_vocab_size, (None, "embed"))
     self.position_embeddings = emb(c.max_position_embeddings, (None, "embed"))
@@ -129,12 +134,13 @@ class BertAttentionBlock(nn.Module):
   @nn.compact
   def __call__(self, x, kv, mask, deterministic=True):
     c = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, init_std=c.initializer_range)
     ctx = layers.Attention(c.num_attention_heads, c.hidden_size,
-                           dropout_rate=c.attention_probs_dropout_prob, dtype=self.dtype,
-                           param_dtype=self.param_dtype, name="self")(x, kv, mask, deterministic)
+                           dropout_rate=c.attention_probs_dropout_prob, name="self", **kw)(
+                               x, kv, mask, deterministic)
     return layers.ResidualPostLN(c.hidden_size, epsilon=c.layer_norm_eps,
-                                 dropout_rate=c.hidden_dropout_prob, dtype=self.dtype,
-                                 param_dtype=self.param_dtype, name="output")(ctx, x, deterministic)
+                                 dropout_rate=c.hidden_dropout_prob, name="output", **kw)(
+                                     ctx, x, deterministic)
 
 
 class BertLayer(nn.Module):
@@ -148,6 +154,7 @@ class BertLayer(nn.Module):
     """x: [B, L, D]; mask: bool [B, 1, 1, L]; encoder_hidden_states: [B, S, De]."""
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    lkw = dict(kw, init_std=c.initializer_range)
     x = layers.constrain(x, ("batch", "length", "embed"))
     h = BertAttentionBlock(c, name="attention", **kw)(x, None, mask, deterministic)
     if c.add_cross_attention:
@@ -155,9 +162,9 @@ class BertLayer(nn.Module):
         raise ValueError("add_cross_attention=True needs encoder_hidden_states")
       h = BertAttentionBlock(c, name="crossattention", **kw)(
           h, encoder_hidden_states, encoder_mask, deterministic)
-    inter = layers.DenseAct(c.intermediate_size, c.hidden_act, name="intermediate", **kw)(h)
+    inter = layers.DenseAct(c.intermediate_size, c.hidden_act, name="intermediate", **lkw)(h)
     out = layers.ResidualPostLN(c.hidden_size, in_axis="mlp", epsilon=c.layer_norm_eps,
-                                dropout_rate=c.hidden_dropout_prob, name="output", **kw)(
+                                dropout_rate=c.hidden_dropout_prob, name="output", **lkw)(
                                     inter, h, deterministic)
     return layers.constrain(out, ("batch", "length", "embed"))
 
@@ -175,7 +182,8 @@ class MlmHead(nn.Module):
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     if c.is_roberta:
-      h = layers.get_activation("gelu")(layers.Dense(c.hidden_size, ("mlp", "embed"), name="dense", **kw)(h))
+      h = layers.get_activation("gelu")(layers.Dense(c.hidden_size, ("mlp", "embed"), name="dense",
+                                                     init_std=c.initializer_range, **kw)(h))
       h = layers.LayerNorm(c.layer_norm_eps, name="layer_norm", **kw)(h)
     else:
       h = _BertTransform(c, name="transform", **kw)(h)
@@ -194,7 +202,7 @@ class _BertTransform(nn.Module):
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = layers.get_activation(c.hidden_act)(
-        layers.Dense(c.hidden_size, ("mlp", "embed"), name="dense", **kw)(h))
+        layers.Dense(c.hidden_size, ("mlp", "embed"), name="dense", init_std=c.initializer_range, **kw)(h))
     return layers.LayerNorm(c.layer_norm_eps, name="LayerNorm", **kw)(h)
 
 
@@ -274,12 +282,12 @@ class BertModel(nn.Module):
     out = {"last_hidden_state": h}
     if output_hidden_states:
       out["hidden_states"] = (h0, *states)
+    head = lambda name: layers.DenseAct(c.hidden_size, "tanh", ("embed", "mlp"), name=name,
+                                        init_std=c.initializer_range, **kw)
     if self.add_pooling_layer:
-      out["pooler_output"] = layers.DenseAct(c.hidden_size, "tanh", ("embed", "mlp"),
-                                             name="pooler", **kw)(h[:, 0])
+      out["pooler_output"] = head("pooler")(h[:, 0])
     if self.add_cl_head:
-      out["cl_output"] = layers.DenseAct(c.hidden_size, "tanh", ("embed", "mlp"),
-                                         name="mlp", **kw)(h[:, 0])
+      out["cl_output"] = head("mlp")(h[:, 0])
     if self.add_mlm_head and return_mlm_logits:
       if c.is_roberta:
         out["mlm_logits"] = MlmHead(c, name="lm_head", **kw)(h, embeddings)

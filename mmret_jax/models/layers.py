@@ -25,7 +25,7 @@ import jax.numpy as jnp
 Dtype = Any
 Array = jax.Array
 
-default_kernel_init = nn.initializers.normal(stddev=0.02)
+DEFAULT_INIT_STD = 0.02  # HF `initializer_range`: normal(std) for kernels and embedding tables
 
 
 def _act_quick_gelu(x):
@@ -72,11 +72,12 @@ class Dense(nn.Module):
   use_bias: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  kernel_init: Callable = default_kernel_init
+  init_std: float = DEFAULT_INIT_STD
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
+    init = nn.initializers.normal(self.init_std)
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes),
                         (x.shape[-1], self.features), self.param_dtype)
     y = jnp.einsum("...d,df->...f", x.astype(self.dtype), kernel.astype(self.dtype))
     if self.use_bias:
@@ -114,11 +115,11 @@ class Embed(nn.Module):
   axes: tuple[str | None, str | None] = ("vocab", "embed")
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  embedding_init: Callable = default_kernel_init
+  init_std: float = DEFAULT_INIT_STD
 
   def setup(self):
     self.embedding = self.param(
-        "embedding", nn.with_logical_partitioning(self.embedding_init, self.axes),
+        "embedding", nn.with_logical_partitioning(nn.initializers.normal(self.init_std), self.axes),
         (self.num_embeddings, self.features), self.param_dtype)
 
   def __call__(self, ids: Array) -> Array:
@@ -177,6 +178,7 @@ class Attention(nn.Module):
   use_bias: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  init_std: float = DEFAULT_INIT_STD
 
   @nn.compact
   def __call__(self, x: Array, kv: Array | None = None, mask: Array | None = None,
@@ -185,8 +187,8 @@ class Attention(nn.Module):
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
     kv = x if kv is None else kv
-    dense = lambda name: Dense(self.hidden_size, ("embed", "heads"), use_bias=self.use_bias,
-                                        dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    dense = lambda name: Dense(self.hidden_size, ("embed", "heads"), use_bias=self.use_bias, dtype=self.dtype,
+                               param_dtype=self.param_dtype, init_std=self.init_std, name=name)
     q = split_heads(dense(self.names[0])(x), self.num_heads)
     k = split_heads(dense(self.names[1])(kv), self.num_heads)
     v = split_heads(dense(self.names[2])(kv), self.num_heads)
@@ -194,7 +196,7 @@ class Attention(nn.Module):
     out = merge_heads(dot_product_attention(q, k, v, mask, dropout=dropout, deterministic=deterministic))
     if self.out_name is not None:
       out = Dense(x.shape[-1], ("heads", "embed"), use_bias=self.use_bias, dtype=self.dtype,
-                  param_dtype=self.param_dtype, name=self.out_name)(out)
+                  param_dtype=self.param_dtype, init_std=self.init_std, name=self.out_name)(out)
     return out
 
 
@@ -206,11 +208,12 @@ class ResidualPostLN(nn.Module):
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  init_std: float = DEFAULT_INIT_STD
 
   @nn.compact
   def __call__(self, x: Array, residual: Array, deterministic: bool = True) -> Array:
     h = Dense(self.features, (self.in_axis, "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
-              name="dense")(x)
+              init_std=self.init_std, name="dense")(x)
     h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
     return LayerNorm(self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="LayerNorm")(h + residual)
@@ -223,10 +226,12 @@ class DenseAct(nn.Module):
   axes: tuple[str | None, str | None] = ("embed", "mlp")
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  init_std: float = DEFAULT_INIT_STD
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    h = Dense(self.features, self.axes, dtype=self.dtype, param_dtype=self.param_dtype, name="dense")(x)
+    h = Dense(self.features, self.axes, dtype=self.dtype, param_dtype=self.param_dtype,
+              init_std=self.init_std, name="dense")(x)
     return get_activation(self.activation)(h)
 
 
@@ -237,14 +242,14 @@ class Mlp(nn.Module):
   names: tuple[str, str] = ("fc1", "fc2")
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  init_std: float = DEFAULT_INIT_STD
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    h = Dense(self.intermediate_size, ("embed", "mlp"), dtype=self.dtype, param_dtype=self.param_dtype,
-              name=self.names[0])(x)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, init_std=self.init_std)
+    h = Dense(self.intermediate_size, ("embed", "mlp"), name=self.names[0], **kw)(x)
     h = get_activation(self.activation)(h)
-    return Dense(x.shape[-1], ("mlp", "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
-                 name=self.names[1])(h)
+    return Dense(x.shape[-1], ("mlp", "embed"), name=self.names[1], **kw)(h)
 
 
 def constrain(x: Array, axes: Sequence[str | None]) -> Array:

@@ -1,0 +1,370 @@
+"""BLaIR train-step throughput: mmret_jax (the product's jitted step) vs PyTorch (eager), same size.
+
+    python benchmarks/train_step.py                          # roberta-base, 32 pairs x 64 tokens, fp32
+    python benchmarks/train_step.py --size tiny --steps 3    # quick check (seconds)
+
+One step = BLaIR's objective on a batch of (review, meta) pairs, its gradient, global-norm clipping
+(1.0) and an AdamW update (lr 5e-5, weight decay 0):
+  L = CE(cos(z_review, z_meta) / 0.05, diagonal)  +  0.1 * MLM CE on masked copies (second forward),
+  z = tanh(mlp(CLS)); dropout 0.1 on both sides (train mode).
+
+JAX: the real product path. A random-weight RobertaForMaskedLM of the chosen size is saved with
+`save_pretrained` (plus a small byte-level BPE tokenizer) to a temp dir that serves as
+`config.init_from` of `configs/blair_base.py`; `BlairTask` (mmret_jax/tasks/blair.py) loads it, and
+the step is `train.loop.make_train_step(task, optim.make_optimizer(...))` jitted as
+`train_and_evaluate` does (single-device mesh, state shardings, `donate_argnums=0`), AOT-compiled
+once (compile time reported separately). MLM masking happens inside the step (BlairTask.mask_for_mlm).
+
+PyTorch: `transformers.RobertaForMaskedLM` (roberta + lm_head, same initial weights) + an
+`nn.Linear + tanh` head, the same loss (cosine / temp CE review -> meta + 0.1 * MLM CE, ignore -100,
+on masked copies made in torch each step with the same 80/10/10 rule), `torch.optim.AdamW`,
+`clip_grad_norm_(1.0)`, `model.train()`, eager (no torch.compile).
+
+Both sides get the same random batch: ids in [5, vocab) framed by <s> ... </s>, a quarter of the
+rows padded to random lengths. After warm-up, steps alternate JAX / PyTorch (so a change in machine
+load hits both); the median seconds per step gives samples/s = pairs per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # pylint: disable=wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+SIZES = {
+    # transformers.RobertaConfig values of roberta-base.
+    "base": dict(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1,
+                 pad_token_id=1, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5),
+    "tiny": dict(vocab_size=1000, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=512, max_position_embeddings=514, type_vocab_size=1,
+                 pad_token_id=1, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5),
+}
+TEMP, MLM_WEIGHT, MLM_PROB, LR, CLIP, DROPOUT = 0.05, 0.1, 0.15, 5e-5, 1.0, 0.1
+TOKENIZER_TEXTS = [
+    "Great kettle boils fast and the handle stays cool.",
+    "Trail runner shoe with breathable mesh upper and grippy rubber outsole.",
+    "Measure rinse and strain colander for the kitchen sink, dishwasher safe, dark blue.",
+    "The phone case cracked after a week; would not buy again.",
+]
+
+
+# ----------------------------------------------------------------------------- machine
+def cpu_model() -> str:
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
+def machine_info(torch) -> dict:
+  import flax  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  try:
+    usable = len(os.sched_getaffinity(0))
+  except AttributeError:
+    usable = os.cpu_count()
+  return {
+      "platform": platform.platform(),
+      "cpu": cpu_model(),
+      "cpu_count": os.cpu_count(),
+      "usable_cpus": usable,
+      "python": platform.python_version(),
+      "jax": jax.__version__,
+      "jaxlib": __import__("jaxlib").__version__,
+      "jax_backend": jax.default_backend(),
+      "jax_devices": ", ".join(str(d) for d in jax.devices()),
+      "flax": flax.__version__,
+      "optax": optax.__version__,
+      "torch": torch.__version__,
+      "transformers": transformers.__version__,
+      "torch_num_threads": torch.get_num_threads(),
+      "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+      "load_average_at_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+  }
+
+
+# ----------------------------------------------------------------------------- data
+def make_batch(cfg: dict, pairs: int, seq_len: int, seed: int) -> dict[str, np.ndarray]:
+  """{review,meta}_{ids,mask} int32 [pairs, seq_len]: <s> random ids in [5, vocab) </s>, pads."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for field in ("review", "meta"):
+    ids = rng.integers(5, cfg["vocab_size"], size=(pairs, seq_len))
+    lengths = np.full(pairs, seq_len)
+    padded = rng.random(pairs) < 0.25
+    padded[0] = False  # the full length is always used
+    lengths[padded] = rng.integers(max(3, seq_len // 4), seq_len, size=int(padded.sum()))
+    mask = np.arange(seq_len)[None, :] < lengths[:, None]
+    ids[:, 0] = cfg["bos_token_id"]
+    ids[np.arange(pairs), lengths - 1] = cfg["eos_token_id"]
+    ids = np.where(mask, ids, cfg["pad_token_id"])
+    out[f"{field}_ids"], out[f"{field}_mask"] = ids.astype(np.int32), mask.astype(np.int32)
+  return out
+
+
+def write_hf_dir(torch, transformers, cfg: dict, path: pathlib.Path, seed: int):
+  """Random RobertaForMaskedLM (HF init) + a small BPE tokenizer (ids 0-4 = roberta specials)."""
+  from mmret_jax.data.text import build_bpe_tokenizer  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(seed)
+  tcfg = transformers.RobertaConfig(**cfg, hidden_dropout_prob=DROPOUT, attention_probs_dropout_prob=DROPOUT)
+  model = transformers.RobertaForMaskedLM(tcfg)
+  model.save_pretrained(path)
+  tok = build_bpe_tokenizer(TOKENIZER_TEXTS * 4, vocab_size=300)
+  tok.save_pretrained(path)
+  return model, tok
+
+
+# ----------------------------------------------------------------------------- JAX (product path)
+def build_jax(args, hf_dir: pathlib.Path, workdir: pathlib.Path, total_steps: int = 10_000):
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, str(REPO / "configs"))
+  import blair_base  # pylint: disable=import-outside-toplevel
+  from mmret_jax.tasks.blair import BlairTask  # pylint: disable=import-outside-toplevel
+  from mmret_jax.train import loop, optim, partitioning  # pylint: disable=import-outside-toplevel
+
+  c = blair_base.get_config()
+  with c.unlocked():
+    c.init_from = str(hf_dir)
+    c.tokenizer = ""
+    c.data.train_file = blair_base.sample_pairs()  # BlairTask needs a source; the batch is synthetic
+    c.data.max_seq_length = args.seq_len
+    c.model.dtype = args.dtype
+    c.model.remat = False
+    c.model.dropout = DROPOUT
+    c.loss.temp, c.loss.do_mlm, c.loss.mlm_weight = TEMP, True, MLM_WEIGHT
+    c.loss.mlm_probability, c.loss.pooler = MLM_PROB, "cls"
+    c.optim.learning_rate, c.optim.weight_decay, c.optim.grad_clip_norm = LR, 0.0, CLIP
+    c.batch_size = args.batch_size
+    c.total_steps = total_steps
+  mesh = partitioning.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  task = BlairTask(c, mesh, workdir)
+  assert task.model_config.vocab_size == SIZES[args.size]["vocab_size"], task.model_config
+  tx, _ = optim.make_optimizer(c.optim, total_steps)
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(int(c.seed)))
+
+  def boxed_state():
+    params = task.init_params(init_rng)
+    return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                           rng=train_rng)
+
+  # As train_and_evaluate: shardings from the logical axes, init, then the init_from weights.
+  with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.RULES):
+    abstract_boxed = jax.eval_shape(boxed_state)
+    state_sh = partitioning.logical_to_sharding(nn.get_partition_spec(abstract_boxed), mesh)
+    state = jax.jit(lambda: nn.unbox(boxed_state()), out_shardings=state_sh)()
+    host = task.load_init(jax.device_get(state.params))
+    params = jax.device_put(host, state_sh.params)
+    state = jax.jit(lambda p: loop.TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                                              opt_state=tx.init(p), rng=train_rng),
+                    out_shardings=state_sh)(params)
+    step_fn = jax.jit(loop.make_train_step(task, tx, 1, "stop"),
+                      out_shardings=(state_sh, partitioning.replicated(mesh)), donate_argnums=0)
+  return task, mesh, state, step_fn
+
+
+# ----------------------------------------------------------------------------- PyTorch baseline
+def build_torch(torch, mlm_model, special_ids, mask_token_id, device, dtype_amp):
+  F = torch.nn.functional
+
+  class TorchBlair(torch.nn.Module):
+    """Seed RobertaForCL (pooler cls, do_mlm): roberta + lm_head + mlp(tanh)."""
+
+    def __init__(self):
+      super().__init__()
+      self.roberta, self.lm_head = mlm_model.roberta, mlm_model.lm_head
+      h = mlm_model.config.hidden_size
+      self.mlp = torch.nn.Sequential(torch.nn.Linear(h, h), torch.nn.Tanh())
+      self.vocab_size = mlm_model.config.vocab_size
+
+    def forward(self, ids, mask, mids, labels):
+      b = ids.shape[0] // 2
+      h = self.roberta(ids, attention_mask=mask).last_hidden_state
+      z = self.mlp(h[:, 0])
+      cos = F.cosine_similarity(z[:b].unsqueeze(1).float(), z[b:].unsqueeze(0).float(), dim=-1) / TEMP
+      cl = F.cross_entropy(cos, torch.arange(b, device=ids.device))
+      hm = self.roberta(mids, attention_mask=mask).last_hidden_state
+      scores = self.lm_head(hm)
+      mlm = F.cross_entropy(scores.view(-1, self.vocab_size).float(), labels.view(-1))
+      return cl + MLM_WEIGHT * mlm, cl, mlm
+
+  model = TorchBlair().to(device).train()
+  opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+  special = torch.as_tensor(np.asarray(special_ids), device=device)
+  gen = torch.Generator(device=device).manual_seed(0)
+
+  def mask_tokens(ids):
+    """DataCollatorForLanguageModeling.torch_mask_tokens: 15% of non-special; 80/10/10."""
+    prob = torch.full(ids.shape, MLM_PROB, device=device)
+    picked = torch.bernoulli(prob, generator=gen).bool() & ~torch.isin(ids, special)
+    labels = torch.where(picked, ids, torch.full_like(ids, -100))
+    to_mask = torch.bernoulli(torch.full(ids.shape, 0.8, device=device), generator=gen).bool() & picked
+    to_rand = torch.bernoulli(torch.full(ids.shape, 0.5, device=device), generator=gen).bool() & picked & ~to_mask
+    rand = torch.randint(model.vocab_size, ids.shape, device=device, generator=gen)
+    out = torch.where(to_mask, torch.full_like(ids, mask_token_id), ids)
+    return torch.where(to_rand, rand, out), labels
+
+  def step(ids, mask):
+    mids, labels = mask_tokens(ids)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype_amp):
+      loss, cl, mlm = model(ids, mask, mids, labels)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+    opt.step()
+    if device.type == "cuda":
+      torch.cuda.synchronize()
+    return loss, cl, mlm
+
+  return model, step
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+  ap.add_argument("--batch-size", type=int, default=32, help="pairs per step (2x sequences per forward)")
+  ap.add_argument("--seq-len", type=int, default=64, help="tokens per review and per meta")
+  ap.add_argument("--steps", type=int, default=5, help="timed steps per framework (median reported)")
+  ap.add_argument("--warmup", type=int, default=1, help="untimed steps per framework after compile")
+  ap.add_argument("--size", choices=tuple(SIZES), default="base")
+  ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                  help="JAX compute dtype (config.model.dtype; params stay float32). bfloat16 is meant "
+                       "for GPU; there PyTorch AMP (bf16 autocast) is timed too")
+  ap.add_argument("--skip-torch", action="store_true", help="time only the JAX step")
+  ap.add_argument("--seed", type=int, default=0)
+  args = ap.parse_args(argv)
+
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  from mmret_jax.train import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+  from mmret_jax.train import partitioning  # pylint: disable=import-outside-toplevel
+  transformers.utils.logging.disable_progress_bar()
+
+  cfg = SIZES[args.size]
+  if args.seq_len > cfg["max_position_embeddings"] - cfg["pad_token_id"] - 1:
+    ap.error(f"--seq-len {args.seq_len} exceeds the position table")
+  info = machine_info(torch)
+  print("== machine")
+  for k, v in info.items():
+    print(f"  {k}: {v}")
+  gpu = jax.default_backend() == "gpu"
+  tdev = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
+
+  print(f"== setup: roberta ({args.size}), random weights; {args.batch_size} pairs x {args.seq_len} tokens "
+        f"(review and meta), jax dtype={args.dtype}, dropout {DROPOUT}, MLM on (weight {MLM_WEIGHT})")
+  tmp = tempfile.TemporaryDirectory()
+  hf_dir, workdir = pathlib.Path(tmp.name) / "hf", pathlib.Path(tmp.name) / "work"
+  t0 = time.perf_counter()
+  tmlm, _ = write_hf_dir(torch, transformers, cfg, hf_dir, args.seed)
+  n_params = sum(p.numel() for p in tmlm.parameters())
+  print(f"  torch RobertaForMaskedLM: {n_params / 1e6:.1f} M params (lm_head tied), attn_implementation="
+        f"{tmlm.config._attn_implementation}, saved in {time.perf_counter() - t0:.1f}s")  # pylint: disable=protected-access
+
+  t0 = time.perf_counter()
+  task, mesh, state, step_fn = build_jax(args, hf_dir, workdir)
+  n_jax = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  print(f"  jax BlairTask state built in {time.perf_counter() - t0:.1f}s: {n_jax / 1e6:.1f} M params "
+        f"(incl. mlp head), mask token {task.tokenizer.mask_token_id}, special ids {task.special_ids.tolist()}")
+
+  batch = make_batch(cfg, args.batch_size, args.seq_len, args.seed)
+  gbatch = partitioning.make_global_batch(batch, mesh)
+  tokens = float(sum(batch[f"{f}_mask"].sum() for f in ("review", "meta")))
+  print(f"  batch: {2 * args.batch_size} sequences, {int(tokens)} real tokens of {2 * args.batch_size * args.seq_len}")
+
+  # ---- JAX: AOT compile (as the loop does), then warm-up.
+  print("== compile / warm-up")
+  t0 = time.perf_counter()
+  with jax.set_mesh(mesh):
+    compiled = step_fn.lower(state, gbatch).compile()
+  compile_s = time.perf_counter() - t0
+  flops = metrics_lib.compiled_flops(compiled)
+  print(f"  jax compile: {compile_s:.1f}s; XLA cost analysis: "
+        f"{flops / 1e12 if flops else float('nan'):.2f} TFLOP per step")
+
+  def jax_step():
+    nonlocal state
+    state, m = compiled(state, gbatch)
+    jax.block_until_ready((state, m))
+    return m
+
+  t0 = time.perf_counter()
+  m = jax_step()
+  print(f"  jax first step: {time.perf_counter() - t0:.2f}s  loss {float(m['loss']):.4f} "
+        f"(cl {float(m['cl_loss']):.4f}, mlm {float(m['mlm_loss']):.4f}), grad_norm {float(m['grad_norm']):.3f}")
+
+  sides = {"jax": jax_step}
+  if not args.skip_torch:
+    model, tstep = build_torch(torch, tmlm, task.special_ids, int(task.tokenizer.mask_token_id), tdev, False)
+    t_ids = torch.from_numpy(np.concatenate([batch["review_ids"], batch["meta_ids"]]).astype(np.int64)).to(tdev)
+    t_mask = torch.from_numpy(np.concatenate([batch["review_mask"], batch["meta_mask"]]).astype(np.int64)).to(tdev)
+    t0 = time.perf_counter()
+    loss, cl, mlm = tstep(t_ids, t_mask)
+    print(f"  torch first step: {time.perf_counter() - t0:.2f}s  loss {loss.item():.4f} "
+          f"(cl {cl.item():.4f}, mlm {mlm.item():.4f})")
+    sides["torch"] = lambda: tstep(t_ids, t_mask)
+    if gpu and args.dtype == "bfloat16":
+      _, tstep_amp = build_torch(torch, tmlm, task.special_ids, int(task.tokenizer.mask_token_id), tdev, True)
+      tstep_amp(t_ids, t_mask)
+      sides["torch_amp_bf16"] = lambda: tstep_amp(t_ids, t_mask)
+  for _ in range(args.warmup):
+    for fn in sides.values():
+      fn()
+
+  print(f"== timing: {args.steps} steps per side, alternating")
+  times = {k: [] for k in sides}
+  for i in range(args.steps):
+    for k, fn in sides.items():
+      time.sleep(0.2)  # let idle OpenMP / Eigen workers stop spinning before the other side runs
+      t0 = time.perf_counter()
+      fn()
+      times[k].append(time.perf_counter() - t0)
+    print(f"  step {i + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
+
+  print("== results (median seconds per step -> samples/s = pairs/s)")
+  sps = {}
+  for k, v in times.items():
+    med = statistics.median(v)
+    sps[k] = args.batch_size / med
+    print(f"  {k:15s} {med:8.3f} s/step  {sps[k]:8.2f} samples/s  {sps[k] * 2 * args.seq_len:9.1f} padded tok/s  "
+          f"(steps: {', '.join(f'{x:.2f}' for x in v)})")
+  print(f"  jax compile time (excluded): {compile_s:.1f}s")
+  if "torch" in sps:
+    print(f"  ratio JAX[{args.dtype}]/PyTorch[float32 eager, {tdev.type}]: {sps['jax'] / sps['torch']:.3f}")
+  if "torch_amp_bf16" in sps:
+    print(f"  ratio JAX[{args.dtype}]/PyTorch[AMP bf16]: {sps['jax'] / sps['torch_amp_bf16']:.3f}")
+  if gpu:
+    peak = metrics_lib.peak_flops_per_device()
+    med = statistics.median(times["jax"])
+    model_flops = 6 * n_params * 2 * args.batch_size * args.seq_len * 2  # two forwards of 2B sequences
+    if peak:
+      print(f"  MFU (6*params*tokens, both forwards): {model_flops / med / peak:.3f}"
+            + (f"; MFU (XLA cost analysis): {flops / med / peak:.3f}" if flops else "")
+            + f"  [peak {peak / 1e12:.0f} TFLOP/s]")
+    else:
+      print("  MFU: unknown device peak")
+  print(f"  load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+  tmp.cleanup()
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

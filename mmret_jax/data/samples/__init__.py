@@ -1,0 +1,1 @@
+"""Bundled sample data (`blair_pairs.tsv`) and the scripts that generate it."""

@@ -1,0 +1,51 @@
+"""Losses: InfoNCE (one- and two-way) over the global batch, MLM cross-entropy and token masking.
+
+Under `jax.jit` with sharded inputs every array here is the *global* batch, so
+the in-batch negatives of a contrastive loss span all devices and hosts (the
+seed's DDP all_gather, without the gather).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def cosine_logits(a: jax.Array, b: jax.Array, scale: jax.Array | float, eps: float = 1e-8) -> jax.Array:
+  """[B, D], [M, D] -> [B, M] float32: cos(a_i, b_j) * scale (torch CosineSimilarity semantics)."""
+  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  na = jnp.linalg.norm(a, axis=-1, keepdims=True)
+  nb = jnp.linalg.norm(b, axis=-1, keepdims=True)
+  return (a @ b.T) / jnp.maximum(na * nb.T, eps) * scale
+
+
+def info_nce(logits: jax.Array, symmetric: bool = False) -> jax.Array:
+  """Cross-entropy with the diagonal as targets; `symmetric` averages both directions."""
+  labels = jnp.arange(logits.shape[0])
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  if symmetric:
+    loss = 0.5 * (loss + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean())
+  return loss
+
+
+def masked_lm_loss(logits: jax.Array, labels: jax.Array, ignore_index: int = -100) -> jax.Array:
+  """Mean token cross-entropy over positions whose label != ignore_index (0 if none)."""
+  valid = labels != ignore_index
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                       jnp.where(valid, labels, 0))
+  return jnp.sum(ce * valid) / jnp.maximum(valid.sum(), 1)
+
+
+def mask_tokens(rng: jax.Array, input_ids: jax.Array, special: jax.Array, *, mask_token_id: int,
+                vocab_size: int, probability: float = 0.15) -> tuple[jax.Array, jax.Array]:
+  """BERT masking (as the seed's data collator): pick `probability` of non-special tokens; of those
+  80% -> mask token, 10% -> a random id, 10% unchanged. Returns (masked ids, labels with -100)."""
+  k1, k2, k3, k4 = jax.random.split(rng, 4)
+  picked = jax.random.bernoulli(k1, probability, input_ids.shape) & ~special
+  labels = jnp.where(picked, input_ids, -100)
+  to_mask = picked & jax.random.bernoulli(k2, 0.8, input_ids.shape)
+  to_random = picked & ~to_mask & jax.random.bernoulli(k3, 0.5, input_ids.shape)
+  random_ids = jax.random.randint(k4, input_ids.shape, 0, vocab_size, input_ids.dtype)
+  out = jnp.where(to_mask, mask_token_id, input_ids)
+  return jnp.where(to_random, random_ids, out), labels

@@ -1,0 +1,16 @@
+"""Task registry: `config.task` -> the module implementing it (imported lazily)."""
+
+from __future__ import annotations
+
+import importlib
+
+TASKS = {
+    "blair": "mmret_jax.tasks.blair:BlairTask",
+}
+
+
+def get(name: str):
+  if name not in TASKS:
+    raise ValueError(f"Unknown config.task {name!r}; known: {', '.join(sorted(TASKS))}")
+  module, cls = TASKS[name].split(":")
+  return getattr(importlib.import_module(module), cls)

@@ -1,0 +1,47 @@
+"""What the generic loop needs from a task (one subclass per seed system)."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+
+class Task:
+  """A task owns its model, loss, data and evaluation; `train/loop.py` owns everything else.
+
+  Batches are dicts of numpy arrays with a leading per-process batch dim; an optional `index`
+  entry (row ids, int64) is kept on the host and named when a step goes non-finite.
+  """
+
+  def __init__(self, config, mesh: Mesh, workdir: pathlib.Path):
+    self.config, self.mesh, self.workdir = config, mesh, pathlib.Path(workdir)
+
+  @property
+  def num_train_examples(self) -> int:
+    raise NotImplementedError
+
+  def init_params(self, rng: jax.Array) -> Any:
+    """Boxed (logically partitioned) params; pure and traceable."""
+    raise NotImplementedError
+
+  def load_init(self, params: Any) -> Any:
+    """Host params -> host params with `config.init_from` weights put in (default: unchanged)."""
+    return params
+
+  def loss_fn(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array,
+              train: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+    raise NotImplementedError
+
+  def train_iterator(self, per_process_batch: int) -> Iterator[dict[str, np.ndarray]]:
+    """A grain DatasetIterator (checkpointable) over per-process batches."""
+    raise NotImplementedError
+
+  def evaluate(self, params: Any) -> dict[str, float]:
+    return {}
+
+  def export(self, params: Any, dst: pathlib.Path) -> None:
+    """Writes an inference model at the end of training (default: nothing)."""

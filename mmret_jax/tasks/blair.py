@@ -1,0 +1,288 @@
+"""BLaIR (Hou et al. 2024, arXiv 2403.03952): SimCSE-style contrastive pretraining of RoBERTa on
+(review, item metadata) pairs, plus an auxiliary MLM loss.
+
+Objective (seed `blair/simcse/models.py::cl_forward`, see shared/reference/blair.md §2):
+  z1 = tanh(mlp(CLS(review))), z2 = tanh(mlp(CLS(meta)))      (pooler "cls"; the head is train-only)
+  L_cl = mean_i CE(cos(z1_i, z2_.) / temp, target i)            one direction: review -> meta
+  L = L_cl + mlm_weight * MLM(masked copies of both texts)
+Negatives are the whole global batch. Under jit the loss sees the global arrays, so unlike the
+seed's DDP gather (where other ranks' shards carry no gradient) the gradient is the exact
+full-batch one; the loss value is the same, and on one device so is the gradient.
+Options: `loss.symmetric` (add meta -> review), `loss.learnable_temp` (log-scale param).
+
+Evaluation: held-out pairs (the first `valid_fraction` of rows, as the seed), items retrieved from
+review text with the inference embedding (CLS of last_hidden_state, L2-normalised, no MLP), exact
+inner-product search (faiss): Recall@K, NDCG@K; plus the seed's `cl_loss` on held-out batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import sys
+from typing import Any
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmret_jax import convert, losses
+from mmret_jax.data.sources.amazon_reviews import PairsSource, split_pairs
+from mmret_jax.embed import pool as embed_pool
+from mmret_jax.models import bert
+from mmret_jax.tasks.base import Task
+
+
+# Seed `Pooler`: cls = MLP(tanh) on CLS (train only), cls_before_pooler = raw CLS, avg = masked mean.
+POOLERS = ("cls", "cls_before_pooler", "avg")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizePairs(grain.transforms.Map):
+  """{review, meta, index} -> padded int32 ids / masks of length `max_length` (+ int64 index)."""
+  tokenizer: Any
+  max_length: int
+
+  def map(self, row):
+    out = {"index": np.int64(row["index"])}
+    for field in ("review", "meta"):
+      enc = self.tokenizer(row[field], truncation=True, max_length=self.max_length,
+                           padding="max_length")
+      out[f"{field}_ids"] = np.asarray(enc["input_ids"], np.int32)
+      out[f"{field}_mask"] = np.asarray(enc["attention_mask"], np.int32)
+    return out
+
+
+def _load_tokenizer(source: str | pathlib.Path):
+  from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+  return AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+
+
+class BlairTask(Task):
+  """`config.task = "blair"`."""
+
+  def __init__(self, config, mesh, workdir):
+    super().__init__(config, mesh, workdir)
+    c = config
+    self.source = PairsSource(c.data.train_file)
+    stats = getattr(self.source, "stats", {})
+    if stats.get("skipped"):
+      print(f"note: {stats['skipped']} malformed rows skipped in {c.data.train_file} "
+            f"({stats.get('rows', len(self.source))} kept)", file=sys.stderr)
+    self.train_idx, self.valid_idx = split_pairs(self.source, float(c.data.valid_fraction))
+    self._pretrained = None
+    if c.init_from:
+      path = convert.resolve_pretrained(c.init_from)
+      meta, hf_config, params, _ = convert.load_any(path)
+      if meta.get("family") != "bert":
+        raise ValueError(f"init_from {c.init_from} is a {meta.get('family')} model, BLaIR needs RoBERTa/BERT")
+      self._pretrained = params
+      self.tokenizer = _load_tokenizer(c.tokenizer or path)
+      self.model_config = bert.BertConfig.from_dict(hf_config)
+    else:
+      self.tokenizer = self._scratch_tokenizer()
+      base = bert.PRESETS[c.model.preset]
+      self.model_config = dataclasses.replace(base, vocab_size=len(self.tokenizer),
+                                              pad_token_id=self.tokenizer.pad_token_id)
+    dropout = float(c.model.dropout)
+    self.model_config = dataclasses.replace(self.model_config, hidden_dropout_prob=dropout,
+                                            attention_probs_dropout_prob=dropout)
+    if self.model_config.max_position_embeddings < c.data.max_seq_length + 2:
+      raise ValueError(f"data.max_seq_length {c.data.max_seq_length} exceeds the model's positions")
+    pooler = c.loss.pooler
+    if pooler not in POOLERS:
+      raise ValueError(f"loss.pooler must be one of {POOLERS}, got {pooler!r}")
+    kw = dict(dtype=jnp.dtype(c.model.dtype), remat=bool(c.model.remat))
+    self.model = bert.BertModel(self.model_config, add_pooling_layer=False,
+                                add_mlm_head=bool(c.loss.do_mlm), add_cl_head=pooler == "cls", **kw)
+    self.special_ids = np.asarray(sorted(set(self.tokenizer.all_special_ids)), np.int32)
+    self._encoder = None
+
+  # ----------------------------------------------------------------------------- setup helpers
+  def _scratch_tokenizer(self):
+    """`config.tokenizer`: a dir, or `bpe:VOCAB` = train a byte-level BPE on the training texts
+    (saved to workdir/tokenizer and reused on resume)."""
+    spec = self.config.tokenizer
+    if spec and not spec.startswith("bpe:"):
+      return _load_tokenizer(spec)
+    saved = self.workdir / "tokenizer"
+    if (saved / "tokenizer.json").exists():
+      return _load_tokenizer(saved)
+    from mmret_jax.data.text import build_bpe_tokenizer  # pylint: disable=import-outside-toplevel
+    vocab = int(spec.split(":", 1)[1]) if spec else 8000
+    texts = (t for i in self.train_idx for t in (self.source[int(i)]["review"], self.source[int(i)]["meta"]))
+    tok = build_bpe_tokenizer(texts, vocab_size=vocab)
+    if jax.process_index() == 0:
+      tok.save_pretrained(saved)
+    return tok
+
+  @property
+  def num_train_examples(self) -> int:
+    return len(self.train_idx)
+
+  def init_params(self, rng):
+    ids = jnp.ones((1, 8), jnp.int32)
+    params = {"encoder": self.model.init(rng, ids, return_mlm_logits=True)["params"]}
+    if self.config.loss.learnable_temp:
+      params["logit_scale"] = self.param_scalar(np.log(1.0 / self.config.loss.temp))
+    return params
+
+  @staticmethod
+  def param_scalar(value: float):
+    return nn.LogicallyPartitioned(jnp.asarray(value, jnp.float32), ())
+
+  def load_init(self, params):
+    """Copies every encoder leaf the checkpoint has (shapes must match); reports fresh leaves."""
+    if self._pretrained is None:
+      return params
+    src, fresh = self._pretrained, []
+
+    def take(path, leaf):
+      node = src
+      for k in path:
+        node = node.get(k.key) if isinstance(node, dict) else None
+        if node is None:
+          fresh.append("/".join(p.key for p in path))
+          return leaf
+      if node.shape != leaf.shape:
+        raise ValueError(f"init_from: {'/'.join(p.key for p in path)} has shape {node.shape}, "
+                         f"the model expects {leaf.shape}")
+      return np.asarray(node, leaf.dtype)
+    params = dict(params)
+    params["encoder"] = jax.tree_util.tree_map_with_path(take, params["encoder"])
+    if fresh and jax.process_index() == 0:
+      print(f"init_from {self.config.init_from}: {len(fresh)} params freshly initialised "
+            f"({', '.join(sorted({f.split('/')[0] for f in fresh}))})", file=sys.stderr)
+    return params
+
+  # ----------------------------------------------------------------------------- data
+  def train_iterator(self, per_process_batch: int):
+    c = self.config
+    ds = grain.MapDataset.source(self.source)[int(self.train_idx[0]):int(self.train_idx[-1]) + 1] \
+        if _contiguous(self.train_idx) else grain.MapDataset.source(_Subset(self.source, self.train_idx))
+    ds = ds.shuffle(seed=int(c.seed)).repeat()
+    ds = ds[jax.process_index()::jax.process_count()]
+    ds = ds.map(TokenizePairs(self.tokenizer, int(c.data.max_seq_length)))
+    ds = ds.batch(per_process_batch, drop_remainder=True)
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=int(c.data.num_threads),
+                                                     prefetch_buffer_size=int(c.data.prefetch))))
+
+  # ----------------------------------------------------------------------------- loss
+  def embed(self, params, ids, mask, rng=None, *, train=False):
+    """[B, L] -> the contrastive representation [B, D] (MLP head applied if pooler == cls)."""
+    out = self.model.apply({"params": params["encoder"]}, ids, mask, deterministic=not train,
+                           rngs={"dropout": rng} if train else None)
+    pooler = self.config.loss.pooler
+    if pooler == "cls":
+      return out["cl_output"]
+    if pooler == "avg":
+      return embed_pool(out["last_hidden_state"], mask, "mean")
+    return out["last_hidden_state"][:, 0]
+
+  def scale(self, params):
+    if self.config.loss.learnable_temp:
+      return jnp.minimum(jnp.exp(params["logit_scale"]), 100.0)
+    return 1.0 / float(self.config.loss.temp)
+
+  def mask_for_mlm(self, rng, ids):
+    special = jnp.isin(ids, jnp.asarray(self.special_ids))
+    return losses.mask_tokens(rng, ids, special, mask_token_id=int(self.tokenizer.mask_token_id),
+                              vocab_size=self.model_config.vocab_size,
+                              probability=float(self.config.loss.mlm_probability))
+
+  def loss_fn(self, params, batch, rng, train: bool = True):
+    c = self.config.loss
+    b = batch["review_ids"].shape[0]
+    ids = jnp.concatenate([batch["review_ids"], batch["meta_ids"]], 0)
+    mask = jnp.concatenate([batch["review_mask"], batch["meta_mask"]], 0)
+    r_drop, r_mask, r_drop2 = jax.random.split(rng, 3)
+    z = self.embed(params, ids, mask, r_drop, train=train)
+    logits = losses.cosine_logits(z[:b], z[b:], self.scale(params))
+    cl = losses.info_nce(logits, symmetric=bool(c.symmetric))
+    aux = {"cl_loss": cl, "tokens": mask.sum().astype(jnp.float32)}
+    loss = cl
+    if c.do_mlm and train and float(c.mlm_weight) > 0:
+      mids, labels = self.mask_for_mlm(r_mask, ids)
+      out = self.model.apply({"params": params["encoder"]}, mids, mask, deterministic=False,
+                             rngs={"dropout": r_drop2}, return_mlm_logits=True)
+      mlm = losses.masked_lm_loss(out["mlm_logits"], labels)
+      aux["mlm_loss"] = mlm
+      loss = cl + float(c.mlm_weight) * mlm
+    if c.learnable_temp:
+      aux["temperature"] = 1.0 / self.scale(params)
+    return loss, aux
+
+  def export(self, params, dst: pathlib.Path) -> None:
+    """Writes the trained encoder (with its MLM / `mlp` heads) as a converted dir that `embed`,
+    `mmret_jax.load` and `convert to-hf` read; inference uses CLS of last_hidden_state."""
+    from mmret_jax.convert.core import write_converted  # pylint: disable=import-outside-toplevel
+    enc = jax.device_get(params["encoder"])
+    arch = "RobertaModel" if self.model_config.is_roberta else "BertModel"
+    cfg = {**self.model_config.to_dict(), "architectures": [arch]}
+    meta = {"hf_prefix": "", "pooler": False, "mlm": "lm_head" in enc or "cls" in enc, "cl": "mlp" in enc}
+    dst = pathlib.Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    self.tokenizer.save_pretrained(dst)
+    write_converted(dst, family="bert", hf_config=cfg, params=enc, meta=meta, tokenizer_src=None)
+
+  # ----------------------------------------------------------------------------- eval
+  def _held_out(self):
+    n = int(self.config.data.eval_max_pairs)
+    rows = [self.source[int(i)] for i in self.valid_idx[:n]]
+    return [r["review"] for r in rows], [r["meta"] for r in rows]
+
+  def evaluate(self, params) -> dict[str, float]:
+    from mmret_jax import embed as embed_lib  # pylint: disable=import-outside-toplevel
+    from mmret_jax.eval import retrieval  # pylint: disable=import-outside-toplevel
+    c = self.config
+    if len(self.valid_idx) == 0:
+      return {}
+    reviews, metas = self._held_out()
+    if self._encoder is None:
+      inference = bert.BertModel(self.model_config, add_pooling_layer=False, dtype=jnp.dtype(c.model.dtype))
+      self._encoder = embed_lib.Encoder(inference, None, self.tokenizer, meta={}, hf_config={}, path="")
+    enc_params = {k: v for k, v in params["encoder"].items() if k not in ("mlp", "lm_head", "cls")}
+    self._encoder.params = enc_params
+    kw = dict(max_length=int(c.data.max_seq_length), batch_size=int(c.data.eval_batch_size),
+              pooling="mean" if c.loss.pooler == "avg" else "cls")
+    items = sorted(set(metas))
+    item_id = {m: i for i, m in enumerate(items)}
+    q = self._encoder.encode_text(reviews, **kw)
+    d = self._encoder.encode_text(items, **kw)
+    ks = tuple(int(k) for k in c.eval.ks)
+    out = retrieval.evaluate_text_retrieval(q, d, [{item_id[m]} for m in metas], ks)
+    out["num_queries"], out["num_items"] = float(len(reviews)), float(len(items))
+    out["cl_loss"] = self._eval_cl_loss(params, reviews, metas)
+    return out
+
+  def _eval_cl_loss(self, params, reviews, metas) -> float:
+    """The seed's validation metric: contrastive loss on held-out batches (no MLM, no dropout)."""
+    bs = int(self.config.data.eval_batch_size)
+    tok = TokenizePairs(self.tokenizer, int(self.config.data.max_seq_length))
+    if not hasattr(self, "_eval_loss"):
+      self._eval_loss = jax.jit(lambda p, b: self.loss_fn(p, b, jax.random.PRNGKey(0), train=False)[0])
+    vals = []
+    for s in range(0, len(reviews) - bs + 1, bs):
+      rows = [tok.map({"review": r, "meta": m, "index": 0}) for r, m in zip(reviews[s:s + bs], metas[s:s + bs])]
+      batch = {k: np.stack([r[k] for r in rows]) for k in rows[0] if k != "index"}
+      vals.append(float(self._eval_loss(params, batch)))
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def _contiguous(idx: np.ndarray) -> bool:
+  return len(idx) > 0 and int(idx[-1]) - int(idx[0]) + 1 == len(idx)
+
+
+class _Subset:
+  """Random-access view of `source` at `indices` (picklable)."""
+
+  def __init__(self, source, indices):
+    self.source, self.indices = source, np.asarray(indices)
+
+  def __len__(self):
+    return len(self.indices)
+
+  def __getitem__(self, i):
+    return self.source[int(self.indices[i])]

@@ -1,0 +1,311 @@
+"""The one train / eval loop: mesh, sharded jit step, optax, Orbax checkpoints, metrics, resume.
+
+A task (see `tasks/base.py`) supplies the model init, the loss, the data and the
+evals; everything else is here and shared by every seed system.
+
+Resume order: newest valid checkpoint in `workdir/checkpoints` -> `config.init_from`
+(via the task) -> scratch. A checkpoint holds params, optimizer state, step, RNG and
+the grain iterator position, so a resumed run continues bit-for-bit on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import pathlib
+import signal
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as cm
+from tqdm import tqdm
+
+from mmret_jax import tasks
+from mmret_jax.train import metrics as metrics_lib
+from mmret_jax.train import optim, partitioning
+
+log = logging.getLogger("mmret_jax")
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or gradient went NaN/Inf (message names the step and the batch's row ids)."""
+
+
+@dataclasses.dataclass
+class RunResult:
+  """What `train_and_evaluate` returns: the last eval metrics and the final (sharded) state."""
+  eval: dict[str, float]
+  state: "TrainState"
+  total_steps: int
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # uint32[2] raw key; the step's key is fold_in(rng, step)
+
+
+def _mean_tree(trees):
+  return jax.tree.map(lambda *x: sum(x) / len(x), *trees)
+
+
+def _strip_boxes(tree):
+  """Unboxes without sharding constraints (for abstract / host trees)."""
+  return jax.tree.map(lambda x: x.value if isinstance(x, nn.LogicallyPartitioned) else x, tree,
+                      is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def make_train_step(task, tx, accum_steps: int, on_nonfinite: str):
+  """The pure step: (state, batch) -> (state, metrics). Microbatches when accum_steps > 1."""
+
+  def grads_of(params, batch, rng):
+    return jax.value_and_grad(task.loss_fn, has_aux=True)(params, batch, rng)
+
+  def step(state: TrainState, batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+    if accum_steps == 1:
+      (loss, aux), grads = grads_of(state.params, batch, rng)
+    else:  # negatives come from each microbatch only: documented in the config
+      micro = jax.tree.map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
+
+      def body(carry, xs):
+        i, mb = xs
+        (l, a), g = grads_of(state.params, mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (l, a, g)), None
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grads_of, state.params,
+                                                          jax.tree.map(lambda x: x[0], micro), rng))
+      zeros = (zeros[0][0], zeros[0][1], zeros[1])
+      (loss, aux, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
+      loss, aux, grads = jax.tree.map(lambda x: x / accum_steps, (loss, aux, grads))
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                        opt_state=opt_state)
+    if on_nonfinite == "skip":  # keep the old params/opt state, still advance the step
+      new = new.replace(params=jax.tree.map(lambda n, o: jnp.where(finite, n, o), new.params, state.params),
+                        opt_state=jax.tree.map(lambda n, o: jnp.where(finite, n, o), new.opt_state,
+                                               state.opt_state))
+    return new, {"loss": loss, "grad_norm": grad_norm, "finite": finite, **aux}
+
+  return step
+
+
+class _Stopper:
+  """SIGTERM / SIGINT -> save a checkpoint at the next step boundary and exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread
+        pass
+    return self
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    if self.requested:  # second signal: give up immediately
+      raise KeyboardInterrupt
+    self.requested = True
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+def resolve_total_steps(config, num_train_examples: int) -> int:
+  if int(config.total_steps) > 0:
+    return int(config.total_steps)
+  epochs = float(config.get("num_epochs", 0) or 0)
+  if epochs <= 0:
+    raise ValueError("Set config.total_steps > 0 or config.num_epochs > 0")
+  return max(1, math.ceil(epochs * num_train_examples / int(config.batch_size)))
+
+
+def _checkpoint_manager(workdir: pathlib.Path, config) -> ocp.CheckpointManager:
+  ck = config.checkpoint
+  policies = [cm.LatestN(n=int(ck.keep))]
+  if ck.get("best_metric"):
+    name, reverse = ck.best_metric, ck.get("best_mode", "max") == "min"
+    policies.append(cm.BestN(get_metric_fn=lambda m: m[name], reverse=reverse, n=1,
+                             keep_checkpoints_without_metrics=False))
+  return ocp.CheckpointManager(
+      (workdir / "checkpoints").absolute(),
+      options=ocp.CheckpointManagerOptions(
+          preservation_policy=cm.AnyPreservationPolicy(policies),
+          enable_async_checkpointing=bool(ck.get("async", True)), create=True))
+
+
+def _restore_newest(mngr, abstract_state, data_iter):
+  """Newest checkpoint that restores; a broken one is reported and skipped."""
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      out = mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data=grain.checkpoint.CheckpointRestore(data_iter)))
+      return step, out.state
+    except Exception as e:  # pylint: disable=broad-except  # corrupt / partial checkpoint
+      log.warning("checkpoint at step %d cannot be restored (%s: %s); trying an older one",
+                  step, type(e).__name__, e)
+  return None, None
+
+
+def train_and_evaluate(config, workdir: str | pathlib.Path) -> RunResult:
+  """Trains `config.task` in `workdir` (resuming if possible)."""
+  partitioning.maybe_initialize_distributed()
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  is_main = jax.process_index() == 0
+  mesh = partitioning.make_mesh(dict(config.mesh))
+  dp = partitioning.data_parallel_size(mesh)
+  global_batch = int(config.batch_size)
+  if global_batch % dp or global_batch % jax.process_count():
+    raise ValueError(f"batch_size {global_batch} must divide by the data-parallel size {dp} "
+                     f"and the process count {jax.process_count()}")
+  accum = int(config.get("grad_accum_steps", 1))
+  if global_batch % (accum * dp):
+    raise ValueError(f"batch_size {global_batch} must divide by grad_accum_steps x data-parallel size")
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main, console=tqdm.write)
+
+  task = tasks.get(config.task)(config, mesh, workdir)
+  total_steps = resolve_total_steps(config, task.num_train_examples)
+  tx, schedule = optim.make_optimizer(config.optim, total_steps)
+
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))
+
+  def boxed_state():
+    params = task.init_params(init_rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=train_rng)
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.RULES):
+    abstract_boxed = jax.eval_shape(boxed_state)
+    partitioning.params_logical_specs(abstract_boxed.params)  # every param must carry axis names
+    state_sh = partitioning.logical_to_sharding(nn.get_partition_spec(abstract_boxed), mesh)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            _strip_boxes(abstract_boxed), state_sh)
+    frozen, total_leaves = optim.count_frozen(config.optim, _strip_boxes(abstract_boxed.params))
+    if config.optim.get("freeze") and frozen == 0:
+      raise ValueError(f"optim.freeze patterns {list(config.optim.freeze)} match no param")
+
+    data_iter = task.train_iterator(global_batch // jax.process_count())
+    mngr = _checkpoint_manager(workdir, config)
+    start, state = _restore_newest(mngr, abstract, data_iter)
+    if state is not None:
+      writer.console(f"resumed from {workdir / 'checkpoints'} at step {start}")
+    else:
+      state = jax.jit(lambda: nn.unbox(boxed_state()), out_shardings=state_sh)()
+      if config.get("init_from"):
+        host = task.load_init(jax.device_get(state.params))
+        params = jax.device_put(host, state_sh.params)
+        state = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                                             opt_state=tx.init(p), rng=train_rng),
+                        out_shardings=state_sh)(params)
+      start = 0
+    if frozen:
+      writer.console(f"frozen: {frozen} of {total_leaves} param arrays")
+
+    step_fn = jax.jit(make_train_step(task, tx, accum, config.get("on_nonfinite", "stop")),
+                      out_shardings=(state_sh, partitioning.replicated(mesh)), donate_argnums=0)
+    state, last_eval = _run(config, task, state, step_fn, data_iter, mngr, writer, schedule, mesh,
+                            start, total_steps, global_batch, is_main)
+  mngr.wait_until_finished()
+  mngr.close()
+  writer.close()
+  if int(jax.device_get(state.step)) == total_steps and is_main:
+    task.export(state.params, workdir / "model")
+    writer.console(f"inference model: {workdir / 'model'} (python -m mmret_jax.embed --model {workdir} ...)")
+  return RunResult(eval=last_eval, state=state, total_steps=total_steps)
+
+
+def _run(config, task, state, step_fn, data_iter, mngr, writer, schedule, mesh, start, total_steps,
+         global_batch, is_main):
+  stop_at = int(config.get("stop_at_step", 0) or 0)
+  end = min(total_steps, stop_at) if stop_at else total_steps
+  log_every, eval_every = int(config.log_every), int(config.eval_every)
+  ckpt_every = int(config.checkpoint_every)
+  on_nonfinite = config.get("on_nonfinite", "stop")
+  peak = metrics_lib.peak_flops_per_device(float(config.get("peak_flops_per_device", 0.0)))
+  compiled, flops = None, None
+  last_eval: dict[str, float] = {}
+  pending = None  # previous step's (step, metrics, ids): checked one step late, no host stall
+  skipped = 0
+  t0, window_steps, window_tokens = time.perf_counter(), 0, 0.0
+
+  def check(p):
+    nonlocal skipped
+    s, m, ids = p
+    if not bool(m["finite"]):
+      where = f"step {s}" + (f", batch rows {list(map(int, ids))}" if ids is not None else "")
+      if on_nonfinite == "skip":
+        skipped += 1
+        writer.console(f"warning: non-finite loss at {where}; update skipped ({skipped} so far)")
+      else:
+        raise NonFiniteLossError(f"non-finite loss ({float(m['loss'])}) at {where}; the last "
+                                 f"checkpoint is intact. Set config.on_nonfinite='skip' to skip such steps.")
+
+  def save(step, metrics=None):
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            data=grain.checkpoint.CheckpointSave(data_iter)),
+              metrics=metrics, force=True)
+
+  pbar = tqdm(total=end, initial=start, disable=not is_main, desc=config.task, unit="step", dynamic_ncols=True)
+  with _Stopper() as stopper:
+    for step in range(start, end):
+      batch = next(data_iter)
+      ids = batch.pop("index", None)
+      gbatch = partitioning.make_global_batch(batch, mesh)
+      if compiled is None:
+        compiled = step_fn.lower(state, gbatch).compile()
+        flops = metrics_lib.compiled_flops(compiled)
+      state, m = compiled(state, gbatch)
+      if pending is not None:
+        check(pending)
+      pending = (step + 1, m, ids)
+      done = step + 1
+      window_steps += 1
+      pbar.update(1)
+      if done % log_every == 0 or done == end:
+        m = jax.device_get(m)
+        check(pending)
+        dt = time.perf_counter() - t0
+        row = {k: float(v) for k, v in m.items() if k != "finite"}
+        row["lr"] = float(schedule(done - 1))
+        row["samples_per_s"] = window_steps * global_batch / dt
+        if "tokens" in row:
+          row["tokens_per_s"] = window_steps * row.pop("tokens") / dt
+        if flops and peak:
+          row["mfu"] = window_steps * flops / dt / peak
+        writer.write(done, row)
+        t0, window_steps = time.perf_counter(), 0
+      eval_now = (eval_every > 0 and done % eval_every == 0) or (done == total_steps and eval_every >= 0)
+      if eval_now:
+        last_eval = {f"eval/{k}": float(v) for k, v in task.evaluate(state.params).items()}
+        if last_eval:
+          writer.write(done, last_eval)
+        t0 = time.perf_counter()
+      if done % ckpt_every == 0 or done == end or stopper.requested:
+        check(pending)
+        best = config.checkpoint.get("best_metric")
+        save(done, last_eval if (best and eval_now and best in last_eval) else None)
+      if stopper.requested:
+        writer.console(f"stop requested: saved step {done}; rerun the same command to resume")
+        break
+  pbar.close()
+  if pending is not None:
+    check(pending)
+  return state, last_eval

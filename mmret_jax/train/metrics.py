@@ -1,0 +1,81 @@
+"""Metric writers (console, metrics.jsonl, TensorBoard) and throughput / MFU helpers."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+from typing import Any, Mapping
+
+import jax
+
+# Dense bf16 peak FLOP/s per device, for the MFU estimate (override with config.peak_flops_per_device).
+PEAK_FLOPS = {
+    "H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L4": 121e12,
+    "V100": 125e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+}
+
+
+def peak_flops_per_device(override: float = 0.0) -> float | None:
+  if override:
+    return float(override)
+  kind = jax.devices()[0].device_kind
+  for name, flops in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
+    if name.lower() in kind.lower():
+      return flops
+  return None  # CPU or unknown: no MFU
+
+
+def compiled_flops(compiled) -> float | None:
+  """FLOPs of one call of an AOT-compiled function, per device (XLA cost analysis)."""
+  try:
+    ca = compiled.cost_analysis()
+    if isinstance(ca, (list, tuple)):
+      ca = ca[0]
+    return float(ca.get("flops", 0.0)) or None
+  except Exception:  # pylint: disable=broad-except  # not every backend reports costs
+    return None
+
+
+class MetricWriter:
+  """Writes scalars to the console, `metrics.jsonl` and TensorBoard event files (process 0 only)."""
+
+  def __init__(self, workdir: str | pathlib.Path, enabled: bool = True, console=None):
+    self.enabled = enabled
+    self.console = console or (lambda s: print(s, file=sys.stderr))
+    self.workdir = pathlib.Path(workdir)
+    self._tb = None
+    if enabled:
+      self.workdir.mkdir(parents=True, exist_ok=True)
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+        self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+      except ImportError:
+        self.console("note: tensorboardX not installed; TensorBoard events are not written")
+
+  def write(self, step: int, scalars: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
+    clean = {k: float(v) for k, v in scalars.items() if v is not None}
+    with open(self.workdir / "metrics.jsonl", "a", encoding="utf-8") as f:
+      f.write(json.dumps({"step": step, **clean}) + "\n")
+    if self._tb is not None:
+      for k, v in clean.items():
+        self._tb.add_scalar(k, v, step)
+      self._tb.flush()
+    self.console(f"step {step}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in clean.items()))
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _fmt(v: float) -> str:
+  return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+
+
+def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
+  """All rows of `metrics.jsonl` (tests, notebooks)."""
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []

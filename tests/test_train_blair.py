@@ -1,0 +1,197 @@
+"""The generic loop on the BLaIR task: sharded meshes agree, resume is bitwise, bad data and
+non-finite losses are handled, freezing freezes."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from mmret_jax.train import loop
+from mmret_jax.train.metrics import read_metrics
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "configs"))
+import blair_base  # pylint: disable=wrong-import-position
+
+BRANDS = ["acme", "zeta", "nova", "orbit", "lumen", "terra", "pixel", "vega"]
+TYPES = ["kettle", "shoe", "glove", "lamp", "mug", "backpack", "tent", "watch"]
+
+
+def write_pairs(path: pathlib.Path, n: int = 240, bad_rows: int = 0) -> pathlib.Path:
+  rng = np.random.default_rng(0)
+  lines = ["review\tmeta"]
+  for i in range(n):
+    b, t = BRANDS[rng.integers(len(BRANDS))], TYPES[rng.integers(len(TYPES))]
+    lines.append(f"my {t} from {b} works well\t{b.title()} {t}, durable and light, by {b}.")
+    if bad_rows and i % (n // bad_rows) == 5:
+      lines.append("a row with no tab at all")
+  path.write_text("\n".join(lines) + "\n")
+  return path
+
+
+def tiny_config(train_file, **over):
+  c = blair_base.get_config("smoke")
+  c.data.train_file = str(train_file)
+  c.tokenizer = "bpe:300"
+  c.model.preset = "roberta-tiny"
+  c.data.max_seq_length = 24
+  c.data.eval_max_pairs = 24
+  c.data.eval_batch_size = 8
+  c.data.num_threads = 1
+  c.eval.ks = (1, 10)
+  c.total_steps = 6
+  c.batch_size = 16
+  c.log_every = 1
+  c.eval_every = -1
+  c.checkpoint_every = 3
+  c.checkpoint["async"] = False
+  for k, v in over.items():
+    node = c
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+def losses_of(workdir):
+  return [r["loss"] for r in read_metrics(workdir) if "loss" in r]
+
+
+def test_resume_is_bitwise(tmp_path):
+  data = write_pairs(tmp_path / "pairs.tsv")
+  full = loop.train_and_evaluate(tiny_config(data, eval_every=0), tmp_path / "full")
+  loop.train_and_evaluate(tiny_config(data, stop_at_step=3, eval_every=0), tmp_path / "resumed")
+  assert len(losses_of(tmp_path / "resumed")) == 3
+  resumed = loop.train_and_evaluate(tiny_config(data, eval_every=0), tmp_path / "resumed")
+  assert losses_of(tmp_path / "full") == losses_of(tmp_path / "resumed")  # every logged loss, exactly
+  same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
+                      full.state.params, resumed.state.params)
+  assert all(jax.tree.leaves(same))
+  assert int(resumed.state.step) == 6
+  assert full.eval["eval/recall@10"] == resumed.eval["eval/recall@10"]
+  # The exported model embeds through the public API.
+  import mmret_jax  # pylint: disable=import-outside-toplevel
+  emb = mmret_jax.load(tmp_path / "full").encode_text(["my kettle from acme"])
+  assert emb.shape == (1, 64) and abs(float(np.linalg.norm(emb)) - 1) < 1e-5
+
+
+def test_loss_goes_down_and_logs(tmp_path):
+  data = write_pairs(tmp_path / "pairs.tsv", n=400)
+  res = loop.train_and_evaluate(tiny_config(data, total_steps=40, log_every=10, eval_every=0), tmp_path / "w")
+  losses = losses_of(tmp_path / "w")
+  assert len(losses) == 4 and losses[-1] < losses[0]
+  rows = read_metrics(tmp_path / "w")
+  assert {"lr", "grad_norm", "samples_per_s", "tokens_per_s", "mlm_loss", "cl_loss"} <= set(rows[0])
+  assert any(p.name.startswith("events") for p in (tmp_path / "w" / "tensorboard").iterdir())
+  assert 0.0 <= res.eval["eval/recall@10"] <= 1.0 and "eval/ndcg@10" in res.eval
+
+
+def test_malformed_rows_are_skipped_and_counted(tmp_path, capsys):
+  data = write_pairs(tmp_path / "pairs.tsv", bad_rows=4)
+  loop.train_and_evaluate(tiny_config(data, total_steps=2), tmp_path / "w")
+  assert "4 malformed rows skipped" in capsys.readouterr().err
+
+
+def test_missing_data_file_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="nope.tsv"):
+    loop.train_and_evaluate(tiny_config(tmp_path / "nope.tsv"), tmp_path / "w")
+
+
+def test_main_rejects_config_typos(tmp_path):
+  cmd = [sys.executable, "-m", "mmret_jax.main", f"--config={REPO}/configs/blair_base.py:smoke",
+         f"--workdir={tmp_path}/w"]
+  r = subprocess.run(cmd + ["--config.totl_steps=3"], capture_output=True, text=True, cwd=REPO)
+  assert r.returncode != 0 and "totl_steps" in r.stderr
+  r = subprocess.run(cmd + ["--config.on_nonfinite=ignore"], capture_output=True, text=True, cwd=REPO)
+  assert r.returncode == 1 and "on_nonfinite must be stop|skip" in r.stderr
+  r = subprocess.run(cmd + ["--config.data.train_file=/no/such.tsv"], capture_output=True, text=True, cwd=REPO)
+  assert r.returncode == 1 and "/no/such.tsv" in r.stderr
+
+
+def test_nonfinite_loss_stops_with_step_and_rows(tmp_path):
+  data = write_pairs(tmp_path / "pairs.tsv")
+  cfg = tiny_config(data, **{"optim.learning_rate": 1e30, "optim.grad_clip_norm": 0.0, "optim.warmup_steps": 0})
+  with pytest.raises(loop.NonFiniteLossError, match=r"at step \d+, batch rows \[\d+"):
+    loop.train_and_evaluate(cfg, tmp_path / "stop")
+  cfg = tiny_config(data, on_nonfinite="skip", **{"optim.learning_rate": 1e30,
+                                                   "optim.grad_clip_norm": 0.0, "optim.warmup_steps": 0})
+  res = loop.train_and_evaluate(cfg, tmp_path / "skip")
+  assert int(res.state.step) == 6
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(res.state.params))
+
+
+def test_freeze_leaves_params_bitwise_unchanged(tmp_path):
+  data = write_pairs(tmp_path / "pairs.tsv")
+  cfg = tiny_config(data, total_steps=3, **{"optim.freeze": (r"^encoder/embeddings/", r"layer_0/")})
+  res = loop.train_and_evaluate(cfg, tmp_path / "w")
+  init = loop.train_and_evaluate(tiny_config(data, total_steps=3, stop_at_step=0, **{
+      "optim.learning_rate": 0.0, "optim.freeze": (r"^encoder/embeddings/", r"layer_0/")}), tmp_path / "w0")
+  p, p0 = res.state.params["encoder"], init.state.params["encoder"]
+  for a, b in zip(jax.tree.leaves(p["embeddings"]), jax.tree.leaves(p0["embeddings"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for a, b in zip(jax.tree.leaves(p["encoder"]["layer_0"]), jax.tree.leaves(p0["encoder"]["layer_0"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  changed = [not np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(jax.tree.leaves(p["encoder"]["layer_1"]), jax.tree.leaves(p0["encoder"]["layer_1"]))]
+  assert all(changed)
+  bad = tiny_config(data, **{"optim.freeze": (r"no_such_param",)})
+  with pytest.raises(ValueError, match="match no param"):
+    loop.train_and_evaluate(bad, tmp_path / "w2")
+
+
+MESH_SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {tests!r})
+    import jax, numpy as np
+    from test_train_blair import tiny_config
+    from mmret_jax.train import loop
+    from mmret_jax.train.metrics import read_metrics
+    out = {{}}
+    for name, mesh in [("single", None), ("dp8", dict(data=8)), ("dp4_fsdp2", dict(data=4, fsdp=2)),
+                       ("dp2_tp4", dict(data=2, tensor=4))]:
+      cfg = tiny_config({data!r}, total_steps=5, checkpoint_every=100, **{{"data.eval_max_pairs": 8}})
+      if mesh is None:
+        cfg.mesh.data = 1
+        devices = jax.devices()[:1]
+        import mmret_jax.train.partitioning as part
+        orig = part.make_mesh
+        part.make_mesh = lambda spec, d=None: orig(spec, devices)
+      else:
+        cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh.get("data", 1), mesh.get("fsdp", 1), mesh.get("tensor", 1)
+      res = loop.train_and_evaluate(cfg, {workdir!r} + "/" + name)
+      if mesh is None:
+        part.make_mesh = orig
+      q = res.state.params["encoder"]["encoder"]["layer_0"]["attention"]["self"]["query"]["kernel"]
+      w = res.state.params["encoder"]["encoder"]["layer_0"]["intermediate"]["dense"]["kernel"]
+      out[name] = dict(losses=[r["loss"] for r in read_metrics({workdir!r} + "/" + name) if "loss" in r],
+                       q_spec=str(q.sharding.spec), w_spec=str(w.sharding.spec),
+                       q_shard=list(q.addressable_shards[0].data.shape), ndev=len(q.sharding.device_set))
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_meshes_match_single_device(tmp_path):
+  data = write_pairs(tmp_path / "pairs.tsv")
+  script = MESH_SCRIPT.format(tests=str(REPO / "tests"), data=str(data), workdir=str(tmp_path))
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO,
+                     timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = json.loads(r.stdout.split("RESULT", 1)[1])
+  ref = out["single"]["losses"]
+  assert len(ref) == 5
+  for name in ("dp8", "dp4_fsdp2", "dp2_tp4"):
+    # fp32; only the order of sharded reductions differs
+    np.testing.assert_allclose(out[name]["losses"], ref, rtol=0, atol=2e-5, err_msg=name)
+  assert out["single"]["ndev"] == 1
+  assert out["dp8"]["q_spec"] == "P(None, None)" and out["dp8"]["ndev"] == 8
+  assert out["dp4_fsdp2"]["q_spec"] == "P('fsdp', None)" and out["dp4_fsdp2"]["q_shard"] == [32, 64]
+  assert out["dp2_tp4"]["q_spec"] == "P(None, 'tensor')" and out["dp2_tp4"]["q_shard"] == [64, 16]
+  assert out["dp2_tp4"]["w_spec"] == "P(None, 'tensor')"
