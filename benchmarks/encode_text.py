@@ -33,9 +33,10 @@ import time
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import jax  # pylint: disable=wrong-import-position
-import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
+
+# jax is imported in main(), after --xla-flags has been put into XLA_FLAGS.
+jax = jnp = None
 
 SIZES = {
     # transformers.RobertaConfig values of roberta-base.
@@ -74,7 +75,7 @@ def machine_info(torch) -> dict:
       "usable_cpus": usable,
       "python": platform.python_version(),
       "jax": jax.__version__,
-      "jaxlib": getattr(jax.lib, "__version__", None) or __import__("jaxlib").__version__,
+      "jaxlib": __import__("jaxlib").__version__,
       "jax_backend": jax.default_backend(),
       "jax_devices": ", ".join(str(d) for d in jax.devices()),
       "flax": flax.__version__,
@@ -123,7 +124,15 @@ def main(argv=None) -> int:
   ap.add_argument("--mask", choices=("none", "ragged"), default="none",
                   help="none: every token real; ragged: random lengths padded to --seq-len")
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--xla-flags", default="",
+                  help="extra XLA_FLAGS for the JAX side (default: none, i.e. what the product runs with)")
   args = ap.parse_args(argv)
+  if args.xla_flags:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
+
+  global jax, jnp  # pylint: disable=global-statement
+  import jax  # pylint: disable=import-outside-toplevel,redefined-outer-name
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel,redefined-outer-name
 
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel

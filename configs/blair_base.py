@@ -36,7 +36,8 @@ def get_config(arg=None, *, preset="roberta-base", per_device_batch=384, num_dev
                 eval_batch_size=64, eval_max_pairs=20000, num_threads=8, prefetch=4)
   c.loss = dict(temp=0.05, pooler="cls", do_mlm=True, mlm_weight=0.1, mlm_probability=0.15,
                 symmetric=False, learnable_temp=False)
-  c.eval = dict(ks=(1, 10, 50, 100))  # Amazon-C4 reports NDCG@100
+  # Held-out pairs at ks; optionally Amazon-C4 (test.csv + sampled_item_metadata_1M.jsonl), NDCG@100.
+  c.eval = dict(ks=(1, 10, 50, 100), c4_queries="", c4_pool="", c4_max_length=512)
   c.optim.learning_rate = 5e-5
   c.optim.grad_clip_norm = 1.0
   c.checkpoint.best_metric = "eval/recall@10"

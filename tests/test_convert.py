@@ -395,17 +395,21 @@ def test_position_ids_buffers_are_ignored(hf_src, tmp_path):
     convert.convert_in_memory(_write_hf_dir(tmp_path / "buf2", sd, cfg))
 
 
-def test_clip_config_is_not_supported(hf_src, tmp_path, capsys):
+def test_unsupported_family_is_a_clear_error(hf_src, tmp_path, capsys):
   src, sd, _ = _base(hf_src)
-  clip = _write_hf_dir(tmp_path / "clip", sd, {"model_type": "clip", "architectures": ["CLIPModel"],
-                                                "text_config": {}, "vision_config": {}})
+  other = _write_hf_dir(tmp_path / "gpt2", sd, {"model_type": "gpt2", "architectures": ["GPT2Model"]})
   for fn in (convert.convert_in_memory, convert.load_any):
     with pytest.raises(convert.ConversionError, match="not supported") as exc:
-      fn(clip)
-    assert "'clip'" in str(exc.value)
-  assert main(["to-jax", str(clip), str(tmp_path / "out")]) == 1
+      fn(other)
+    assert "'gpt2'" in str(exc.value)
+  assert main(["to-jax", str(other), str(tmp_path / "out")]) == 1
   err = capsys.readouterr().err
-  assert "error:" in err and "not supported" in err and "clip" in err
+  assert "error:" in err and "not supported" in err and "gpt2" in err
+  # A BERT checkpoint under a CLIP config: the strict driver names the keys it cannot place.
+  clip = _write_hf_dir(tmp_path / "clip", sd, {"model_type": "clip", "architectures": ["CLIPModel"],
+                                                "text_config": {}, "vision_config": {}})
+  with pytest.raises(convert.ConversionError, match=r"missing keys: logit_scale, text_model\.embeddings"):
+    convert.convert_in_memory(clip)
   with pytest.raises(convert.ConversionError, match="Unknown --family"):
     convert.convert_in_memory(src, family="nope")
 

@@ -105,11 +105,11 @@ def test_bad_inputs(hf_dir, tmp_path, capsys):
   (tmp_path / "notamodel").mkdir()
   assert embed.main(["--model", str(tmp_path / "notamodel"), "--input", str(txt), "--output", out]) == 1
   assert "neither a converted" in capsys.readouterr().err
-  clip = tmp_path / "clip"
-  clip.mkdir()
-  (clip / "config.json").write_text(json.dumps({"model_type": "clip"}))
-  assert embed.main(["--model", str(clip), "--input", str(txt), "--output", out]) == 1
-  assert "'clip' is not supported" in capsys.readouterr().err
+  other = tmp_path / "gpt2"
+  other.mkdir()
+  (other / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+  assert embed.main(["--model", str(other), "--input", str(txt), "--output", out]) == 1
+  assert "'gpt2' is not supported" in capsys.readouterr().err
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"q": "fine"}\n{broken\n')
   assert embed.main(["--model", str(d), "--input", str(bad), "--field", "q", "--output", out]) == 1

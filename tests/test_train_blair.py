@@ -82,15 +82,32 @@ def test_resume_is_bitwise(tmp_path):
   assert emb.shape == (1, 64) and abs(float(np.linalg.norm(emb)) - 1) < 1e-5
 
 
+def write_c4(tmp_path):
+  """A tiny Amazon-C4 in its real format: test.csv + the item-pool jsonl."""
+  q = ["qid,query,item_id,user_id,ori_rating,ori_review"]
+  pool = []
+  for i, (b, t) in enumerate([(b, t) for b in BRANDS[:3] for t in TYPES[:4]]):
+    pool.append(json.dumps({"item_id": f"B{i:03d}", "category": "Home", "metadata": f"{b.title()} {t} by {b}."}))
+    q.append(f'{i},"I want a {t} from {b}",B{i:03d},U{i},5.0,"fine"')
+  (tmp_path / "test.csv").write_text("\n".join(q) + "\n")
+  (tmp_path / "pool.jsonl").write_text("\n".join(pool) + "\n")
+  return tmp_path / "test.csv", tmp_path / "pool.jsonl"
+
+
 def test_loss_goes_down_and_logs(tmp_path):
   data = write_pairs(tmp_path / "pairs.tsv", n=400)
-  res = loop.train_and_evaluate(tiny_config(data, total_steps=40, log_every=10, eval_every=0), tmp_path / "w")
+  queries, pool = write_c4(tmp_path)
+  cfg = tiny_config(data, total_steps=40, log_every=10, eval_every=0, **{
+      "eval.c4_queries": str(queries), "eval.c4_pool": str(pool), "eval.c4_max_length": 24})
+  res = loop.train_and_evaluate(cfg, tmp_path / "w")
   losses = losses_of(tmp_path / "w")
   assert len(losses) == 4 and losses[-1] < losses[0]
   rows = read_metrics(tmp_path / "w")
   assert {"lr", "grad_norm", "samples_per_s", "tokens_per_s", "mlm_loss", "cl_loss"} <= set(rows[0])
   assert any(p.name.startswith("events") for p in (tmp_path / "w" / "tensorboard").iterdir())
   assert 0.0 <= res.eval["eval/recall@10"] <= 1.0 and "eval/ndcg@10" in res.eval
+  assert 0.0 < res.eval["eval/c4/ndcg@10"] <= 1.0 and res.eval["eval/c4/recall@10"] > 0.0
+  assert res.eval["eval/c4/queries_without_target"] == 0
 
 
 def test_malformed_rows_are_skipped_and_counted(tmp_path, capsys):

@@ -10,12 +10,16 @@ import types
 import numpy as np
 
 from mmret_jax.convert import bert as bert_family
+from mmret_jax.convert import clip as clip_family
 from mmret_jax.convert.core import (ConversionError, META_FILE, copy_tokenizer_files, is_converted_dir,
                                     read_converted, read_state_dict, write_converted)
 
 # family name -> key-map module; HF model_type -> family name.
-FAMILIES: dict[str, types.ModuleType] = {"bert": bert_family}
-MODEL_TYPE_TO_FAMILY = {mt: "bert" for mt in bert_family.MODEL_TYPES}
+FAMILIES: dict[str, types.ModuleType] = {"bert": bert_family, "clip": clip_family}
+MODEL_TYPE_TO_FAMILY = {**{mt: "bert" for mt in bert_family.MODEL_TYPES},
+                        **{mt: "clip" for mt in clip_family.MODEL_TYPES}}
+# Source formats that are not HF layouts: translated to HF keys + config first.
+SOURCE_FORMATS = {"openai-clip": clip_family.openai_to_hf}
 
 __all__ = ["ConversionError", "to_jax", "to_hf", "convert_in_memory", "load_any", "is_converted_dir"]
 
@@ -23,7 +27,7 @@ __all__ = ["ConversionError", "to_jax", "to_hf", "convert_in_memory", "load_any"
 def _family_for(hf_config: dict, family: str | None) -> tuple[str, types.ModuleType]:
   if family is not None:
     if family not in FAMILIES:
-      raise ConversionError(f"Unknown --family {family!r}; known: {', '.join(sorted(FAMILIES))}")
+      raise ConversionError(f"Unknown --family {family!r}; known: {', '.join(sorted([*FAMILIES, *SOURCE_FORMATS]))}")
     return family, FAMILIES[family]
   mt = hf_config.get("model_type")
   if mt not in MODEL_TYPE_TO_FAMILY:
@@ -53,9 +57,14 @@ def convert_in_memory(src: str | os.PathLike, *, config: str | os.PathLike | Non
   src = pathlib.Path(src)
   if not src.exists():
     raise FileNotFoundError(f"Source not found: {src}")
-  hf_config = _read_hf_config(src, config)
+  if family in SOURCE_FORMATS:  # e.g. an OpenAI CLIP .pt/.pth: config inferred from the weights
+    sd, hf_config = SOURCE_FORMATS[family](read_state_dict(src))
+    family = None
+  else:
+    hf_config = _read_hf_config(src, config)
+    sd = read_state_dict(src)
   name, fam = _family_for(hf_config, family)
-  params, meta = fam.to_params(read_state_dict(src), hf_config)
+  params, meta = fam.to_params(sd, hf_config)
   return {"family": name, **meta}, hf_config, params
 
 

@@ -18,7 +18,8 @@ def main(argv=None) -> int:
                              "or a bare .safetensors/.bin/.pth state dict (needs --config)")
   a.add_argument("dst")
   a.add_argument("--config", help="HF config.json (or a dir holding one) for a bare state dict")
-  a.add_argument("--family", help="force the key map (default: from config model_type)")
+  a.add_argument("--family", help="force the key map (default: from config model_type); "
+                                  "`openai-clip` reads an OpenAI CLIP state dict (no --config needed)")
   a.add_argument("--tokenizer", help="dir with tokenizer files (default: SRC, or --config's dir)")
   a.add_argument("--overwrite", action="store_true", help="replace an existing DST")
   b = sub.add_parser("to-hf", help="converted mmret_jax dir -> Hugging Face dir (safetensors)")
@@ -35,8 +36,8 @@ def main(argv=None) -> int:
   try:
     if args.cmd == "to-jax":
       info = convert.to_jax(args.src, dst, config=args.config, family=args.family, tokenizer=args.tokenizer)
-      print(f"converted {args.src} -> {dst}: family={info['family']} prefix={info['hf_prefix']!r} "
-            f"heads(pooler={info['pooler']}, mlm={info['mlm']}, cl={info['cl']}) "
+      heads = {k: info[k] for k in ("hf_prefix", "pooler", "mlm", "cl") if k in info}
+      print(f"converted {args.src} -> {dst}: family={info['family']} {heads or ''} "
             f"params={info['num_params']:,} tokenizer files={info['tokenizer_files'] or 'none'}")
       if not info["tokenizer_files"]:
         print("warning: no tokenizer files copied; pass --tokenizer DIR to embed text with this model",

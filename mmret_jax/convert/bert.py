@@ -6,7 +6,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from mmret_jax.convert.core import ConversionError, Rule, params_to_state_dict, state_dict_to_params
+from mmret_jax.convert.core import (ConversionError, Rule, linear_rules, norm_rules, params_to_state_dict,
+                                    state_dict_to_params)
 from mmret_jax.models import bert, layers
 
 MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
@@ -20,20 +21,12 @@ IGNORED = (
 )
 
 
-def _linear(path, key):
-  return [Rule(path + ("kernel",), key + ".weight", "linear"), Rule(path + ("bias",), key + ".bias")]
-
-
-def _norm(path, key):
-  return [Rule(path + ("scale",), key + ".weight"), Rule(path + ("bias",), key + ".bias")]
-
-
 def _attention(path, key):
   rules = []
   for n in ("query", "key", "value"):
-    rules += _linear(path + ("self", n), f"{key}.self.{n}")
-  return rules + _linear(path + ("output", "dense"), f"{key}.output.dense") + \
-      _norm(path + ("output", "LayerNorm"), f"{key}.output.LayerNorm")
+    rules += linear_rules(path + ("self", n), f"{key}.self.{n}")
+  return rules + linear_rules(path + ("output", "dense"), f"{key}.output.dense") + \
+      norm_rules(path + ("output", "LayerNorm"), f"{key}.output.LayerNorm")
 
 
 def rules(config: bert.BertConfig, *, prefix: str = "", pooler: bool = True, mlm: bool = False,
@@ -42,28 +35,28 @@ def rules(config: bert.BertConfig, *, prefix: str = "", pooler: bool = True, mlm
   p = prefix
   r = [Rule(("embeddings", n, "embedding"), f"{p}embeddings.{n}.weight")
        for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")]
-  r += _norm(("embeddings", "LayerNorm"), f"{p}embeddings.LayerNorm")
+  r += norm_rules(("embeddings", "LayerNorm"), f"{p}embeddings.LayerNorm")
   for i in range(config.num_hidden_layers):
     ours, theirs = ("encoder", f"layer_{i}"), f"{p}encoder.layer.{i}"
     r += _attention(ours + ("attention",), f"{theirs}.attention")
     if config.add_cross_attention:
       r += _attention(ours + ("crossattention",), f"{theirs}.crossattention")
-    r += _linear(ours + ("intermediate", "dense"), f"{theirs}.intermediate.dense")
-    r += _linear(ours + ("output", "dense"), f"{theirs}.output.dense")
-    r += _norm(ours + ("output", "LayerNorm"), f"{theirs}.output.LayerNorm")
+    r += linear_rules(ours + ("intermediate", "dense"), f"{theirs}.intermediate.dense")
+    r += linear_rules(ours + ("output", "dense"), f"{theirs}.output.dense")
+    r += norm_rules(ours + ("output", "LayerNorm"), f"{theirs}.output.LayerNorm")
   if pooler:
-    r += _linear(("pooler", "dense"), f"{p}pooler.dense")
+    r += linear_rules(("pooler", "dense"), f"{p}pooler.dense")
   if cl:
-    r += _linear(("mlp", "dense"), "mlp.dense")
+    r += linear_rules(("mlp", "dense"), "mlp.dense")
   if mlm:
     if config.is_roberta:
-      r += _linear(("lm_head", "dense"), "lm_head.dense")
-      r += _norm(("lm_head", "layer_norm"), "lm_head.layer_norm")
+      r += linear_rules(("lm_head", "dense"), "lm_head.dense")
+      r += norm_rules(("lm_head", "layer_norm"), "lm_head.layer_norm")
       r += [Rule(("lm_head", "bias"), "lm_head.bias")]
     else:
       t = ("cls", "predictions")
-      r += _linear(t + ("transform", "dense"), "cls.predictions.transform.dense")
-      r += _norm(t + ("transform", "LayerNorm"), "cls.predictions.transform.LayerNorm")
+      r += linear_rules(t + ("transform", "dense"), "cls.predictions.transform.dense")
+      r += norm_rules(t + ("transform", "LayerNorm"), "cls.predictions.transform.LayerNorm")
       r += [Rule(t + ("bias",), "cls.predictions.bias")]
   return r
 

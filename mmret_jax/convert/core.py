@@ -43,18 +43,37 @@ class Rule:
   """our param path <-> torch key, with the value transform name (`linear` transposes)."""
   path: tuple[str, ...]
   key: str
-  kind: str = "copy"  # copy | linear
+  kind: str = "copy"  # copy | linear ([out, in] <-> [in, out]) | conv ([O, I, kh, kw] <-> [kh, kw, I, O])
+
+
+_NDIM = {"linear": 2, "conv": 4}
+
+
+def linear_rules(path: tuple[str, ...], key: str, bias: bool = True) -> list[Rule]:
+  """torch `key.weight` / `key.bias` <-> our `path/kernel` / `path/bias`."""
+  r = [Rule(path + ("kernel",), key + ".weight", "linear")]
+  return r + [Rule(path + ("bias",), key + ".bias")] if bias else r
+
+
+def norm_rules(path: tuple[str, ...], key: str) -> list[Rule]:
+  """torch LayerNorm `key.weight` / `key.bias` <-> our `path/scale` / `path/bias`."""
+  return [Rule(path + ("scale",), key + ".weight"), Rule(path + ("bias",), key + ".bias")]
 
 
 def _to_ours(kind: str, x: np.ndarray) -> np.ndarray:
+  if kind in _NDIM and x.ndim != _NDIM[kind]:
+    raise ConversionError(f"expected a {_NDIM[kind]}-D {kind} weight, got shape {x.shape}")
   if kind == "linear":
-    if x.ndim != 2:
-      raise ConversionError(f"expected a 2-D linear weight, got shape {x.shape}")
     return np.ascontiguousarray(x.T)
+  if kind == "conv":
+    return np.ascontiguousarray(x.transpose(2, 3, 1, 0))
   return x
 
 
-_to_torch = _to_ours  # both transforms are involutions
+def _to_torch(kind: str, x: np.ndarray) -> np.ndarray:
+  if kind == "conv":
+    return np.ascontiguousarray(x.transpose(3, 2, 0, 1))
+  return _to_ours(kind, x)  # copy and linear are involutions
 
 
 # ----------------------------------------------------------------------------- reading weights
@@ -94,6 +113,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
       import torch  # pylint: disable=import-outside-toplevel
     except ImportError as e:
       raise ImportError(f"Reading {path.name} needs PyTorch: pip install 'mmret_jax[torch]'") from e
+    import zipfile  # pylint: disable=import-outside-toplevel
+    if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+      raise ConversionError(
+          f"{path.name} is a TorchScript archive (e.g. OpenAI's clip.load download); we never execute "
+          "TorchScript. Export its weights once: torch.save(torch.jit.load(PATH, map_location='cpu')"
+          ".state_dict(), 'clip.pth') and convert that file")
     obj = torch.load(str(path), map_location="cpu", weights_only=True)
     for wrapper in ("state_dict", "model", "module"):
       if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):

@@ -255,7 +255,27 @@ class BlairTask(Task):
     out = retrieval.evaluate_text_retrieval(q, d, [{item_id[m]} for m in metas], ks)
     out["num_queries"], out["num_items"] = float(len(reviews)), float(len(items))
     out["cl_loss"] = self._eval_cl_loss(params, reviews, metas)
+    if c.eval.get("c4_queries"):
+      out.update(self._eval_amazon_c4())
     return out
+
+  def _eval_amazon_c4(self) -> dict[str, float]:
+    """Amazon-C4 complex product search (seed `eval_search.py`): queries vs the whole item pool,
+    CLS embeddings at `eval.c4_max_length` tokens, NDCG@100 / Recall@100."""
+    from mmret_jax.data.sources.amazon_reviews import load_amazon_c4  # pylint: disable=import-outside-toplevel
+    from mmret_jax.eval import retrieval  # pylint: disable=import-outside-toplevel
+    c = self.config.eval
+    if not hasattr(self, "_c4"):
+      self._c4 = load_amazon_c4(c.c4_queries, c.c4_pool)
+    c4 = self._c4
+    keep = np.flatnonzero(c4.target_index >= 0)
+    kw = dict(max_length=int(c.c4_max_length), batch_size=int(self.config.data.eval_batch_size))
+    q = self._encoder.encode_text([c4.queries[i] for i in keep], **kw)
+    d = self._encoder.encode_text(c4.pool_texts, **kw)
+    m = retrieval.evaluate_text_retrieval(q, d, c4.target_index[keep], ks=(10, 100))
+    m = {f"c4/{k}": v for k, v in m.items() if k.split("@")[0] in ("ndcg", "recall")}
+    m["c4/queries_without_target"] = float(len(c4.target_index) - len(keep))
+    return m
 
   def _eval_cl_loss(self, params, reviews, metas) -> float:
     """The seed's validation metric: contrastive loss on held-out batches (no MLM, no dropout)."""
