@@ -59,11 +59,11 @@ def convert_in_memory(src: str | os.PathLike, *, config: str | os.PathLike | Non
     raise FileNotFoundError(f"Source not found: {src}")
   if family in SOURCE_FORMATS:  # e.g. an OpenAI CLIP .pt/.pth: config inferred from the weights
     sd, hf_config = SOURCE_FORMATS[family](read_state_dict(src))
-    family = None
+    name, fam = _family_for(hf_config, None)
   else:
     hf_config = _read_hf_config(src, config)
+    name, fam = _family_for(hf_config, family)  # an unsupported model type fails before reading weights
     sd = read_state_dict(src)
-  name, fam = _family_for(hf_config, family)
   params, meta = fam.to_params(sd, hf_config)
   return {"family": name, **meta}, hf_config, params
 

@@ -36,8 +36,9 @@ def main(argv=None) -> int:
   try:
     if args.cmd == "to-jax":
       info = convert.to_jax(args.src, dst, config=args.config, family=args.family, tokenizer=args.tokenizer)
-      heads = {k: info[k] for k in ("hf_prefix", "pooler", "mlm", "cl") if k in info}
-      print(f"converted {args.src} -> {dst}: family={info['family']} {heads or ''} "
+      layout = (f" prefix={info['hf_prefix']!r} heads(pooler={info['pooler']}, mlm={info['mlm']}, "
+                f"cl={info['cl']})") if "hf_prefix" in info else ""
+      print(f"converted {args.src} -> {dst}: family={info['family']}{layout} "
             f"params={info['num_params']:,} tokenizer files={info['tokenizer_files'] or 'none'}")
       if not info["tokenizer_files"]:
         print("warning: no tokenizer files copied; pass --tokenizer DIR to embed text with this model",
