@@ -12,6 +12,11 @@ import jax.numpy as jnp
 import optax
 
 
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """Rows scaled to unit L2 norm (torch F.normalize semantics)."""
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
 def cosine_logits(a: jax.Array, b: jax.Array, scale: jax.Array | float, eps: float = 1e-8) -> jax.Array:
   """[B, D], [M, D] -> [B, M] float32: cos(a_i, b_j) * scale (torch CosineSimilarity semantics)."""
   a, b = a.astype(jnp.float32), b.astype(jnp.float32)

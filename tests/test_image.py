@@ -108,8 +108,9 @@ def test_from_preprocessor_config_round_trip(tmp_path):
             "image_std": list(mi.OPENAI_CLIP_STD), "resample": 3,
             "feature_extractor_type": "CLIPFeatureExtractor"}
   assert mi.ImageConfig.from_preprocessor_config(legacy) == mi.ImageConfig.clip_default(224)
-  assert mi.ImageConfig.from_preprocessor_config({"size": {"height": 384, "width": 384},
-                                                  "do_center_crop": False}).output_hw == (384, 384)
+  blip = mi.ImageConfig.from_preprocessor_config({"size": {"height": 384, "width": 384}})
+  assert (blip.size, blip.do_center_crop, blip.output_hw) == ((384, 384), False, (384, 384))
+  assert mi.ImageConfig.from_preprocessor_config({"do_convert_rgb": None}).do_convert_rgb
   assert mi.ImageConfig.from_preprocessor_config({"do_resize": False}).size is None
   with pytest.raises(ValueError, match="longest_edge"):
     mi.ImageConfig.from_preprocessor_config({"size": {"shortest_edge": 224, "longest_edge": 448}})
@@ -221,7 +222,10 @@ def test_load_image_modes(tmp_path):
   alpha = np.full(grey.shape, 64, np.uint8)
   la = PIL.Image.fromarray(np.dstack([grey, alpha]))
   assert la.mode == "LA"
-  over_white = lambda x: x * (64 / 255) + 255 * (1 - 64 / 255)  # noqa: E731
+
+  def over_white(x):
+    return x * (64 / 255) + 255 * (1 - 64 / 255)
+
   assert np.abs(np.asarray(mi.load_image(la))[..., 0] - over_white(grey)).max() <= 1
   rgba = PIL.Image.fromarray(np.dstack([rgb, alpha]))
   assert np.abs(np.asarray(mi.load_image(rgba)) - over_white(rgb)).max() <= 1

@@ -151,9 +151,10 @@ class ImageConfig:
                                **overrides) -> "ImageConfig":
     """Reads an HF `preprocessor_config.json` (a dict, the file, or its directory).
 
-    Missing keys take `CLIPImageProcessor` defaults. `do_resize=False` -> size None,
-    `do_rescale=False` -> rescale_factor 1, `do_normalize=False` -> mean 0 / std 1.
-    `overrides` set our extra fields (pad_mode, crop_offsets, ...).
+    Missing (or null) keys take `CLIPImageProcessor` defaults, except that a config with neither
+    `crop_size` nor `do_center_crop` (e.g. BLIP's `{"height": 384, "width": 384}`) means no crop.
+    `do_resize=False` -> size None, `do_rescale=False` -> rescale_factor 1,
+    `do_normalize=False` -> mean 0 / std 1. `overrides` set our extra fields (pad_mode, ...).
     """
     d = path_or_dict
     if not isinstance(d, dict):
@@ -161,6 +162,7 @@ class ImageConfig:
       if p.is_dir():
         p = p / "preprocessor_config.json"
       d = json.loads(p.read_text())
+    d = {k: v for k, v in d.items() if v is not None}
     size = d.get("size", {"shortest_edge": 224})
     if isinstance(size, dict):
       keys = {k for k, v in size.items() if v is not None}
@@ -176,7 +178,8 @@ class ImageConfig:
       size = _hw(size)
     if not d.get("do_resize", True):
       size = None
-    crop = d.get("crop_size", {"height": 224, "width": 224})
+    do_crop = bool(d.get("do_center_crop", "crop_size" in d))
+    crop = d.get("crop_size", 224 if do_crop else None)
     if isinstance(crop, dict):
       crop = (int(crop["height"]), int(crop["width"])) if crop else None
     resample = d.get("resample", RESAMPLE["bicubic"])
@@ -192,13 +195,17 @@ class ImageConfig:
         mean=tuple(d.get("image_mean", OPENAI_CLIP_MEAN)) if do_normalize else (0.0, 0.0, 0.0),
         std=tuple(d.get("image_std", OPENAI_CLIP_STD)) if do_normalize else (1.0, 1.0, 1.0),
         resample=resample,
-        do_center_crop=bool(d.get("do_center_crop", True)),
+        do_center_crop=do_crop,
         do_convert_rgb=bool(d.get("do_convert_rgb", True)),
         rescale_factor=float(d.get("rescale_factor", 1 / 255)) if d.get("do_rescale", True) else 1.0)
     return cls(**{**kwargs, **overrides})
 
   def to_preprocessor_dict(self) -> dict[str, Any]:
-    """HF `CLIPImageProcessor` kwargs for the shared fields (padding options have no HF equivalent)."""
+    """HF `CLIPImageProcessor` kwargs for the shared fields.
+
+    Padding and torchvision crop offsets have no HF equivalent (ValueError); `alpha` has none
+    either: transformers >= 5 composites onto white, 4.x drops alpha.
+    """
     if self.pad_mode != "none" or self.crop_offsets != "hf":
       raise ValueError("pad_mode / crop_offsets have no CLIPImageProcessor equivalent")
     out = {"do_resize": self.size is not None, "resample": RESAMPLE[self.resample],

@@ -6,6 +6,7 @@ import importlib
 
 TASKS = {
     "blair": "mmret_jax.tasks.blair:BlairTask",
+    "blair_clip": "mmret_jax.tasks.blair_clip:BlairClipTask",
 }
 
 

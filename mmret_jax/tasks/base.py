@@ -28,6 +28,10 @@ class Task:
     """Boxed (logically partitioned) params; pure and traceable."""
     raise NotImplementedError
 
+  def freeze_patterns(self) -> tuple[str, ...]:
+    """Param-path regexes the task freezes on top of `config.optim.freeze` (default none)."""
+    return ()
+
   def load_init(self, params: Any) -> Any:
     """Host params -> host params with `config.init_from` weights put in (default: unchanged)."""
     return params

@@ -66,7 +66,7 @@ class BlairTask(Task):
   def __init__(self, config, mesh, workdir):
     super().__init__(config, mesh, workdir)
     c = config
-    self.source = PairsSource(c.data.train_file)
+    self.source = self.make_source()
     stats = getattr(self.source, "stats", {})
     if stats.get("skipped"):
       print(f"note: {stats['skipped']} malformed rows skipped in {c.data.train_file} "
@@ -101,6 +101,9 @@ class BlairTask(Task):
     self._encoder = None
 
   # ----------------------------------------------------------------------------- setup helpers
+  def make_source(self):
+    return PairsSource(self.config.data.train_file)
+
   def _scratch_tokenizer(self):
     """`config.tokenizer`: a dir, or `bpe:VOCAB` = train a byte-level BPE on the training texts
     (saved to workdir/tokenizer and reused on resume)."""

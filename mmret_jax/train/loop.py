@@ -183,7 +183,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> RunResult:
 
   task = tasks.get(config.task)(config, mesh, workdir)
   total_steps = resolve_total_steps(config, task.num_train_examples)
-  tx, schedule = optim.make_optimizer(config.optim, total_steps)
+  tx, schedule = optim.make_optimizer(config.optim, total_steps, task.freeze_patterns())
 
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))
 
@@ -198,8 +198,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> RunResult:
     state_sh = partitioning.logical_to_sharding(nn.get_partition_spec(abstract_boxed), mesh)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             _strip_boxes(abstract_boxed), state_sh)
-    frozen, total_leaves = optim.count_frozen(config.optim, _strip_boxes(abstract_boxed.params))
-    if config.optim.get("freeze") and frozen == 0:
+    frozen, total_leaves = optim.count_frozen(config.optim, _strip_boxes(abstract_boxed.params),
+                                              task.freeze_patterns())
+    if (config.optim.get("freeze") or task.freeze_patterns()) and frozen == 0:
       raise ValueError(f"optim.freeze patterns {list(config.optim.freeze)} match no param")
 
     data_iter = task.train_iterator(global_batch // jax.process_count())

@@ -55,8 +55,10 @@ def make_schedule(cfg, total_steps: int) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
 
 
-def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Returns (tx, schedule). Frozen params get zero updates (bitwise unchanged)."""
+def make_optimizer(cfg, total_steps: int, extra_freeze: Sequence[str] = ()
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Returns (tx, schedule). Frozen params (`cfg.freeze` + `extra_freeze` regexes) get zero
+  updates, so they stay bitwise unchanged."""
   schedule = make_schedule(cfg, total_steps)
   no_decay = matches(tuple(cfg.get("no_decay", NO_DECAY_DEFAULT)))
   decay_mask = lambda params: _map_paths(lambda p: not no_decay(p), params)
@@ -67,7 +69,7 @@ def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation,
                            eps=float(cfg.get("eps", 1e-8)), weight_decay=float(cfg.get("weight_decay", 0.0)),
                            mask=decay_mask))
   tx = optax.chain(*parts)
-  freeze = tuple(cfg.get("freeze", ()))
+  freeze = tuple(cfg.get("freeze", ())) + tuple(extra_freeze)
   if freeze:
     frozen = matches(freeze)
     labels = lambda params: _map_paths(lambda p: "frozen" if frozen(p) else "train", params)
@@ -75,8 +77,8 @@ def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation,
   return tx, schedule
 
 
-def count_frozen(cfg, params: Any) -> tuple[int, int]:
+def count_frozen(cfg, params: Any, extra_freeze: Sequence[str] = ()) -> tuple[int, int]:
   """(number of frozen leaves, total leaves): a freeze pattern matching nothing is likely a typo."""
-  freeze = tuple(cfg.get("freeze", ()))
+  freeze = tuple(cfg.get("freeze", ())) + tuple(extra_freeze)
   flags = jax.tree.leaves(_map_paths(matches(freeze), params)) if freeze else []
   return sum(flags), len(jax.tree.leaves(params))

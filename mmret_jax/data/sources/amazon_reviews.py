@@ -494,3 +494,49 @@ def load_amazon_c4(queries_csv: str | os.PathLike, pool_jsonl: str | os.PathLike
     logging.warning("Amazon-C4: %d queries' items are not in the pool.", stats["targets_missing_from_pool"])
   return AmazonC4(qids=qids, queries=queries, item_ids=item_ids, target_index=target,
                   pool_ids=pool_ids, pool_texts=pool_texts, pool_categories=pool_cats, stats=stats)
+
+
+class MultimodalPairsSource:
+  """BLaIR-CLIP rows from a TSV (`.csv` with commas also read) with a header naming `review`, `meta`
+  and the image column (the fork's `sample_multimodal_data.py` output): `source[i] -> {"review",
+  "meta", "image_path" (joined with `image_root` when relative), "index"}`. Loaded into memory;
+  rows with a wrong column count, bad quoting or an empty field are skipped and counted in `.stats`.
+  Whether each image exists is checked when it is loaded (the image transform counts those skips).
+  """
+
+  def __init__(self, path: str | os.PathLike, image_column: str = "image_path", image_root: str = ""):
+    self.path = pathlib.Path(path)
+    if not self.path.exists():
+      raise _missing(self.path, "BLaIR-CLIP pairs (TSV with review, meta and image columns)")
+    self.image_root = str(image_root or "")
+    self.stats: dict[str, Any] = {"format": "tsv", **new_skip_stats()}
+    self.rows: list[tuple[str, str, str]] = []
+    sep = "," if self.path.suffix == ".csv" else "\t"
+    with open_text(self.path, "rt", newline="") as f:
+      lines = csv.reader(f, delimiter=sep) if sep == "," else (parse_tsv_line(l.rstrip("\r\n")) for l in f)
+      header = next(lines, None)
+      need = ("review", "meta", image_column)
+      if not header or not all(c in header for c in need):
+        raise ValueError(f"{self.path}: the header must name columns {need}, got {header}")
+      cols = [header.index(c) for c in need]
+      for n, fields in enumerate(lines, start=2):
+        if fields is None:
+          note_skip(self.stats, "quoting", n)
+        elif len(fields) != len(header):
+          note_skip(self.stats, "columns", n)
+        elif not all(fields[c].strip() for c in cols):
+          note_skip(self.stats, "empty", n)
+        else:
+          self.rows.append(tuple(fields[c] for c in cols))
+    self.stats["rows"] = len(self.rows)
+    if not self.rows:
+      raise ValueError(f"No usable rows in {self.path} (stats: {self.stats}).")
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def __getitem__(self, i) -> dict[str, Any]:
+    review, meta, image = self.rows[operator.index(i)]
+    if self.image_root and not os.path.isabs(image):
+      image = os.path.join(self.image_root, image)
+    return {"review": review, "meta": meta, "image_path": image, "index": operator.index(i) % len(self.rows)}
