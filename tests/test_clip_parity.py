@@ -141,21 +141,21 @@ def torch_outputs(tmodel, text: dict, images: np.ndarray) -> dict[str, np.ndarra
   return {k: _np(v) for k, v in out.items()}
 
 
-def our_outputs(model, params, text: dict, images: np.ndarray) -> dict[str, np.ndarray]:
-  ids, mask, px = jnp.asarray(text["input_ids"]), jnp.asarray(text["attention_mask"]), jnp.asarray(images)
-  v = {"params": params}
-  t = model.apply(v, ids, mask, method=lambda m, i, a: m.text_model(i, a))
-  vis = model.apply(v, px, method=lambda m, x: m.vision_model(x))
-  full = model.apply(v, ids, px, mask)
-  te = full["text_embeds"].astype(jnp.float32)
-  ie = full["image_embeds"].astype(jnp.float32)
+def _all_outputs(m: clip.CLIPModel, ids, mask, px) -> dict:
+  t, vis, full = m.text_model(ids, mask), m.vision_model(px), m(ids, px, mask)
+  te, ie = (full[k].astype(jnp.float32) for k in ("text_embeds", "image_embeds"))
   te, ie = te / jnp.linalg.norm(te, axis=-1, keepdims=True), ie / jnp.linalg.norm(ie, axis=-1, keepdims=True)
-  out = {"text_features": model.apply(v, ids, mask, method=clip.CLIPModel.get_text_features),
-         "image_features": model.apply(v, px, method=clip.CLIPModel.get_image_features),
-         "text_last_hidden_state": t["last_hidden_state"], "text_pooler_output": t["pooler_output"],
-         "vision_last_hidden_state": vis["last_hidden_state"], "vision_pooler_output": vis["pooler_output"],
-         "logits_per_text": jnp.exp(full["logit_scale"]) * te @ ie.T, "logit_scale": full["logit_scale"],
-         "_text_embeds": full["text_embeds"], "_image_embeds": full["image_embeds"]}
+  return {"text_features": m.get_text_features(ids, mask), "image_features": m.get_image_features(px),
+          "text_last_hidden_state": t["last_hidden_state"], "text_pooler_output": t["pooler_output"],
+          "vision_last_hidden_state": vis["last_hidden_state"], "vision_pooler_output": vis["pooler_output"],
+          "logits_per_text": jnp.exp(full["logit_scale"]) * te @ ie.T, "logit_scale": full["logit_scale"],
+          "_text_embeds": full["text_embeds"], "_image_embeds": full["image_embeds"]}
+
+
+def our_outputs(model, params, text: dict, images: np.ndarray) -> dict[str, np.ndarray]:
+  """Every compared output of ours, from one jitted apply (NHWC images)."""
+  run = jax.jit(lambda p, *a: model.apply({"params": p}, *a, method=_all_outputs))
+  out = run(params, jnp.asarray(text["input_ids"]), jnp.asarray(text["attention_mask"]), jnp.asarray(images))
   return {k: np.asarray(x.astype(jnp.float32)) for k, x in out.items()}
 
 

@@ -57,8 +57,7 @@ class BertConfig:
     pet = d.get("position_embedding_type", "absolute")
     if pet != "absolute":
       raise ValueError(f"position_embedding_type={pet!r} is not supported (only 'absolute')")
-    names = {f.name for f in dataclasses.fields(cls)}
-    kw = {k: v for k, v in d.items() if k in names and v is not None}
+    kw = layers.fields_from_hf(cls, d)
     kw["model_type"] = mt
     return cls(**kw)
 

@@ -41,8 +41,7 @@ class CLIPTextConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "CLIPTextConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+    return cls(**layers.fields_from_hf(cls, d))
 
 
 @dataclasses.dataclass(frozen=True)

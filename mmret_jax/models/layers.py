@@ -28,6 +28,13 @@ Array = jax.Array
 DEFAULT_INIT_STD = 0.02  # HF `initializer_range`: normal(std) for kernels and embedding tables
 
 
+def fields_from_hf(cls, d: dict[str, Any]) -> dict[str, Any]:
+  """The entries of an HF config dict that name fields of the dataclass `cls` (None values dropped)."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  names = {f.name for f in dataclasses.fields(cls)}
+  return {k: v for k, v in d.items() if k in names and v is not None}
+
+
 def _act_quick_gelu(x):
   return x * jax.nn.sigmoid(1.702 * x)
 

@@ -40,8 +40,7 @@ class ViTConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "ViTConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+    return cls(**layers.fields_from_hf(cls, d))
 
   @property
   def num_patches(self) -> int:

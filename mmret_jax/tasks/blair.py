@@ -161,16 +161,21 @@ class BlairTask(Task):
     return params
 
   # ----------------------------------------------------------------------------- data
-  def train_iterator(self, per_process_batch: int):
-    c = self.config
+  def train_rows(self) -> grain.MapDataset:
+    """Training rows: source -> shuffle(seed) -> repeat -> this process's shard (endless)."""
     ds = grain.MapDataset.source(self.source)[int(self.train_idx[0]):int(self.train_idx[-1]) + 1] \
         if _contiguous(self.train_idx) else grain.MapDataset.source(_Subset(self.source, self.train_idx))
-    ds = ds.shuffle(seed=int(c.seed)).repeat()
-    ds = ds[jax.process_index()::jax.process_count()]
-    ds = ds.map(TokenizePairs(self.tokenizer, int(c.data.max_seq_length)))
+    ds = ds.shuffle(seed=int(self.config.seed)).repeat()
+    return ds[jax.process_index()::jax.process_count()]
+
+  def read_options(self) -> grain.ReadOptions:
+    d = self.config.data
+    return grain.ReadOptions(num_threads=int(d.num_threads), prefetch_buffer_size=int(d.prefetch))
+
+  def train_iterator(self, per_process_batch: int):
+    ds = self.train_rows().map(TokenizePairs(self.tokenizer, int(self.config.data.max_seq_length)))
     ds = ds.batch(per_process_batch, drop_remainder=True)
-    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=int(c.data.num_threads),
-                                                     prefetch_buffer_size=int(c.data.prefetch))))
+    return iter(ds.to_iter_dataset(self.read_options()))
 
   # ----------------------------------------------------------------------------- loss
   def embed(self, params, ids, mask, rng=None, *, train=False):

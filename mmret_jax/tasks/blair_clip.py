@@ -28,7 +28,7 @@ from mmret_jax import convert, losses
 from mmret_jax.data import image as image_lib
 from mmret_jax.data.sources.amazon_reviews import MultimodalPairsSource
 from mmret_jax.models import layers, vit
-from mmret_jax.tasks.blair import BlairTask, TokenizePairs, _contiguous, _Subset
+from mmret_jax.tasks.blair import BlairTask, TokenizePairs
 
 VISION_PRESETS = {
     **vit.PRESETS,
@@ -134,15 +134,9 @@ class BlairClipTask(BlairTask):
 
   # ----------------------------------------------------------------------------- data
   def train_iterator(self, per_process_batch: int):
-    c = self.config
-    ds = grain.MapDataset.source(self.source)[int(self.train_idx[0]):int(self.train_idx[-1]) + 1] \
-        if _contiguous(self.train_idx) else grain.MapDataset.source(_Subset(self.source, self.train_idx))
-    ds = ds.shuffle(seed=int(c.seed)).repeat()
-    ds = ds[jax.process_index()::jax.process_count()]
-    ds = ds.map(image_lib.PreprocessImage(self.image_config))
-    ds = ds.map(_TokenizeKeepImage(self.tokenizer, int(c.data.max_seq_length)))
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(c.data.num_threads),
-                                              prefetch_buffer_size=int(c.data.prefetch)))
+    ds = self.train_rows().map(image_lib.PreprocessImage(self.image_config))
+    ds = ds.map(_TokenizeKeepImage(self.tokenizer, int(self.config.data.max_seq_length)))
+    it = ds.to_iter_dataset(self.read_options())  # filter before batch needs an IterDataset (grain)
     return iter(it.filter(self._drop_bad).batch(per_process_batch, drop_remainder=True))
 
   @property
