@@ -68,3 +68,53 @@ def make_hf_dir(path: str | os.PathLike, family: str = "roberta", *, hidden_size
   model.save_pretrained(path, safe_serialization=safe_serialization)
   tok.save_pretrained(path)
   return model, tok
+
+
+CLIP_CORPUS = ["a red mug", "a blue lamp on a table", "green box", "photo of a cat", "a purple vase"]
+
+
+def clip_tokenizer(vocab_size: int = 200):
+  """A real byte-level BPE with CLIP's special tokens (<|startoftext|>=0, <|endoftext|>=1 = pad)."""
+  import tokenizers  # pylint: disable=import-outside-toplevel
+  from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+  from transformers import PreTrainedTokenizerFast
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(CLIP_CORPUS * 4, trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=["<|startoftext|>", "<|endoftext|>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+  tok.post_processor = processors.TemplateProcessing(
+      single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)])
+  return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                                 pad_token="<|endoftext|>", unk_token="<|endoftext|>", model_max_length=40)
+
+
+def make_clip_dir(path: str | os.PathLike, *, image_size: int = 32, patch_size: int = 8, seed: int = 0):
+  """A tiny HF CLIPModel dir (random weights incl. norms/biases, tokenizer, preprocessor config);
+  returns (torch model, tokenizer, CLIPImageProcessor)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers as tf
+  path = pathlib.Path(path)
+  tok = clip_tokenizer()
+  cfg = tf.CLIPConfig(
+      text_config=dict(vocab_size=len(tok), hidden_size=40, intermediate_size=37, num_hidden_layers=2,
+                       num_attention_heads=5, max_position_embeddings=40, bos_token_id=0, eos_token_id=1,
+                       pad_token_id=1),
+      vision_config=dict(hidden_size=48, intermediate_size=50, num_hidden_layers=2, num_attention_heads=3,
+                         image_size=image_size, patch_size=patch_size),
+      projection_dim=24)
+  torch.manual_seed(seed)
+  model = tf.CLIPModel(cfg).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(p))
+      elif name.endswith("bias"):
+        p.copy_(0.05 * torch.randn_like(p))
+  model.save_pretrained(path)
+  tok.save_pretrained(path)
+  proc_cls = getattr(tf, "CLIPImageProcessorPil", tf.CLIPImageProcessor)
+  proc = proc_cls(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+  proc.save_pretrained(path)
+  return model, tok, proc
