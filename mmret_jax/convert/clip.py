@@ -54,10 +54,13 @@ def config_from_hf(hf_config: dict) -> clip.CLIPConfig:
     cfg = clip.CLIPConfig.from_dict(hf_config)
   except ValueError as e:
     raise ConversionError(str(e)) from None
-  for name, act in (("text", cfg.text.hidden_act), ("vision", cfg.vision.hidden_act)):
-    from mmret_jax.models import layers  # pylint: disable=import-outside-toplevel
-    if act not in layers.ACTIVATIONS:
-      raise ConversionError(f"{name}_config.hidden_act {act!r} is not supported")
+  from mmret_jax.models import layers  # pylint: disable=import-outside-toplevel
+  for name, tower in (("text", cfg.text), ("vision", cfg.vision)):
+    if tower.hidden_act not in layers.ACTIVATIONS:
+      raise ConversionError(f"{name}_config.hidden_act {tower.hidden_act!r} is not supported")
+    if tower.num_attention_heads < 1 or tower.hidden_size % tower.num_attention_heads:
+      raise ConversionError(f"{name}_config.hidden_size {tower.hidden_size} is not a multiple of "
+                            f"num_attention_heads {tower.num_attention_heads}")
   return cfg
 
 
@@ -95,9 +98,10 @@ def _count_blocks(sd, prefix: str) -> int:
 
 def openai_to_hf(sd: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
   """OpenAI CLIP (ViT) state dict -> (HF-named state dict, HF config dict). Every key is consumed."""
+  # ResNet CLIPs (ModifiedResNet) have a `visual.conv1` stem too: look for their stages first.
+  if any(k.startswith(("visual.layer1.", "visual.attnpool.")) for k in sd):
+    raise ConversionError("ResNet CLIP checkpoints (RN50, ...) are not supported; use a ViT CLIP")
   if "visual.conv1.weight" not in sd:
-    if any(k.startswith("visual.layer1.") for k in sd):
-      raise ConversionError("ResNet CLIP checkpoints (RN50, ...) are not supported; use a ViT CLIP")
     raise ConversionError("Not an OpenAI CLIP state dict (no visual.conv1.weight)")
   used: set[str] = set()
 
@@ -149,6 +153,9 @@ def openai_to_hf(sd: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict
   unexpected = sorted(set(sd) - used - set(OPENAI_SCALARS))
   if unexpected:
     raise ConversionError(f"unexpected keys in OpenAI CLIP state dict: {', '.join(unexpected[:12])}")
+  for tower, w in (("visual", width), ("text", twidth)):  # OpenAI's head count is width // 64
+    if w < 64:
+      raise ConversionError(f"OpenAI CLIP {tower} width {w} < 64: its head count (width // 64) would be 0")
   mlp_v = out["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0] if vlayers else 4 * width
   mlp_t = out["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0] if tlayers else 4 * twidth
   hf_config = {

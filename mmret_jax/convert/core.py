@@ -202,8 +202,11 @@ def params_to_state_dict(rules: list[Rule], params: dict) -> dict[str, np.ndarra
   extra = sorted("/".join(p) for p in flat.keys() - {r.path for r in rules})
   if extra:
     raise ConversionError(f"params with no torch key: {_fmt(extra)}")
-  return {r.key: np.ascontiguousarray(_to_torch(r.kind, np.asarray(flat[r.path], np.float32)))
-          for r in rules}
+  out = {}
+  for r in rules:
+    x = _to_torch(r.kind, np.asarray(flat[r.path], np.float32))
+    out[r.key] = np.ascontiguousarray(x).reshape(x.shape)  # ascontiguousarray makes 0-d arrays 1-d
+  return out
 
 
 # ----------------------------------------------------------------------------- converted dirs

@@ -56,8 +56,10 @@ class CLIPConfig:
   def from_dict(cls, d: dict[str, Any]) -> "CLIPConfig":
     if d.get("model_type", "clip") != "clip":
       raise ValueError(f"Not a CLIP config: model_type={d.get('model_type')!r}")
-    return cls(text=CLIPTextConfig.from_dict(d.get("text_config") or {}),
-               vision=vit.ViTConfig.from_dict(d.get("vision_config") or {}),
+    # Older hub configs also carry `text_config_dict` / `vision_config_dict`: as in HF, their values win.
+    sub = lambda name: {**(d.get(f"{name}_config") or {}), **(d.get(f"{name}_config_dict") or {})}
+    return cls(text=CLIPTextConfig.from_dict(sub("text")),
+               vision=vit.ViTConfig.from_dict(sub("vision")),
                projection_dim=int(d.get("projection_dim", 512)),
                logit_scale_init_value=float(d.get("logit_scale_init_value", 2.6592)))
 

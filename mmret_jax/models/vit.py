@@ -37,6 +37,13 @@ class ViTConfig:
   attention_dropout: float = 0.0
   initializer_range: float = 0.02
   projection_dim: int = 512
+  # Layout flags (defaults = CLIP). BLIP's ViT: pre_layernorm=False, patch_bias=True,
+  # post_layernorm_all=True: post_layernorm normalises every token (last_hidden_state) and, as HF
+  # `BlipVisionModel`, pooler_output applies it once more to token 0 (post_layernorm(post_layernorm(x)[:, 0]));
+  # BLIP's retrieval heads read last_hidden_state[:, 0] instead (tests/test_vit_blip_layout.py).
+  pre_layernorm: bool = True
+  patch_bias: bool = False
+  post_layernorm_all: bool = False
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "ViTConfig":
@@ -119,14 +126,19 @@ class VisionTransformer(nn.Module):
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = _VisionEmbeddings(c, name="embeddings", **kw)(pixel_values)
-    h = layers.LayerNorm(c.layer_norm_eps, name="pre_layrnorm", **kw)(h)
+    if c.pre_layernorm:
+      h = layers.LayerNorm(c.layer_norm_eps, name="pre_layrnorm", **kw)(h)
     block = encoder_block_kwargs(c.hidden_size, c.intermediate_size, c.num_attention_heads, c.hidden_act,
                                  c.layer_norm_eps, c.attention_dropout, c.initializer_range)
     states = Encoder(c.num_hidden_layers, block, remat=self.remat, name="encoder", **kw)(
         h, None, deterministic)
     last = states[-1] if states else h
-    out = {"last_hidden_state": last,
-           "pooler_output": layers.LayerNorm(c.layer_norm_eps, name="post_layernorm", **kw)(last[:, 0])}
+    post = layers.LayerNorm(c.layer_norm_eps, name="post_layernorm", **kw)
+    if c.post_layernorm_all:
+      last = post(last)
+      out = {"last_hidden_state": last, "pooler_output": post(last[:, 0])}  # twice on token 0, as HF BLIP
+    else:
+      out = {"last_hidden_state": last, "pooler_output": post(last[:, 0])}
     if output_hidden_states:
       out["hidden_states"] = (h, *states)
     return out
@@ -145,7 +157,7 @@ class _VisionEmbeddings(nn.Module):
       raise ValueError(f"expected NHWC images with {c.num_channels} channels, got {pixel_values.shape}")
     if pixel_values.shape[1] != c.image_size or pixel_values.shape[2] != c.image_size:
       raise ValueError(f"expected {c.image_size}x{c.image_size} images, got {pixel_values.shape[1:3]}")
-    patches = layers.PatchEmbed(c.hidden_size, c.patch_size, init_std=c.initializer_range,
+    patches = layers.PatchEmbed(c.hidden_size, c.patch_size, use_bias=c.patch_bias, init_std=c.initializer_range,
                                 dtype=self.dtype, param_dtype=self.param_dtype,
                                 name="patch_embedding")(pixel_values)
     cls = layers.logical_param(self, "class_embedding", (c.hidden_size,), ("embed",),
