@@ -103,19 +103,23 @@ def make_inputs(cfg: dict, batch: int, seq_len: int, mask_kind: str, seed: int):
   return ids, mask
 
 
-def time_calls(fn, iters: int) -> float:
-  """Seconds per call, averaged over `iters` calls (fn must block until its result is ready)."""
-  t0 = time.perf_counter()
+def time_calls(fn, iters: int) -> tuple[float, float]:
+  """(wall, process CPU) seconds per call, averaged over `iters` calls (fn must block on its result).
+
+  CPU seconds (all threads of this process) are a side figure that other load on the
+  machine inflates less than wall time; texts/s always comes from wall time.
+  """
+  c0, t0 = time.process_time(), time.perf_counter()
   for _ in range(iters):
     fn()
-  return (time.perf_counter() - t0) / iters
+  return (time.perf_counter() - t0) / iters, (time.process_time() - c0) / iters
 
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--batch-size", type=int, default=32)
   ap.add_argument("--seq-len", type=int, default=128)
-  ap.add_argument("--iters", type=int, default=5, help="batches per timed repeat")
+  ap.add_argument("--iters", type=int, default=3, help="batches per timed repeat")
   ap.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
   ap.add_argument("--warmup", type=int, default=1, help="untimed batches per framework after compile")
   ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -213,21 +217,26 @@ def main(argv=None) -> int:
 
   print(f"== timing: {args.repeats} repeats x {args.iters} batches each")
   times = {"torch": [], **{f"jax[{d}]": [] for d in encoders}}
+  cpu = {k: [] for k in times}
   for r in range(args.repeats):
-    times["torch"].append(time_calls(torch_step, args.iters))
-    time.sleep(0.2)  # let idle OpenMP / Eigen workers stop spinning before the other side runs
-    for d, enc in encoders.items():
-      times[f"jax[{d}]"].append(time_calls(lambda enc=enc: jax_step(enc), args.iters))
-      time.sleep(0.2)
+    steps = [("torch", torch_step)] + [(f"jax[{d}]", lambda enc=enc: jax_step(enc)) for d, enc in encoders.items()]
+    for k, fn in steps:
+      wall, c = time_calls(fn, args.iters)
+      times[k].append(wall)
+      cpu[k].append(c)
+      time.sleep(0.2)  # let idle OpenMP / Eigen workers stop spinning before the other side runs
     print("  repeat %d: %s" % (r + 1, ", ".join(f"{k} {v[-1] * 1e3:.0f} ms/batch" for k, v in times.items())))
+  load = os.getloadavg()
+  print(f"  load average after timing: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
-  print("== results (median seconds per batch -> texts/s)")
+  print("== results (median wall seconds per batch -> texts/s)")
   tps = {}
   for k, v in times.items():
     med = statistics.median(v)
     tps[k] = args.batch_size / med
     print(f"  {k:16s} {med * 1e3:9.1f} ms/batch  {tps[k]:9.1f} texts/s   "
-          f"(repeats: {', '.join(f'{x * 1e3:.0f}' for x in v)} ms)")
+          f"(repeats: {', '.join(f'{x * 1e3:.0f}' for x in v)} ms; "
+          f"process CPU {statistics.median(cpu[k]) * 1e3:.0f} ms/batch)")
   for d in encoders:
     print(f"  ratio JAX[{d}]/PyTorch[float32, {tdev.type}]: {tps[f'jax[{d}]'] / tps['torch']:.3f}")
   return 0

@@ -21,14 +21,22 @@ on masked copies made in torch each step with the same 80/10/10 rule), `torch.op
 `clip_grad_norm_(1.0)`, `model.train()`, eager (no torch.compile).
 
 Both sides get the same random batch: ids in [5, vocab) framed by <s> ... </s>, a quarter of the
-rows padded to random lengths. After warm-up, steps alternate JAX / PyTorch (so a change in machine
-load hits both); the median seconds per step gives samples/s = pairs per second.
+rows padded to random lengths. Each side runs in its own subprocess (at roberta-base size each one
+peaks at ~12-13 GB; together in one process they do not fit a 23 GB machine): build, compile /
+first step, `--warmup` untimed steps, then `--steps` timed steps; the median seconds per step gives
+samples/s = pairs per second. `--rounds R` repeats the JAX / PyTorch pair R times (medians over all
+timed steps), so a change in machine load hits both. Process CPU seconds per step (all threads) are
+reported too: they are less sensitive to other load on a shared machine than wall time.
+
+XLA:CPU (jax 0.10) sends dots and reductions to YNNPACK by default. Its column reduction over
+[tokens, 50265] (the MLM bias gradient) is pathological here (~5 s of a ~40 s step; superlinear
+beyond ~6k columns), so `--xla-cpu tuned` (the default) sets TUNED_XLA_CPU_FLAGS; `--xla-cpu
+default` runs with XLA's defaults. Both are fp32 with the same math (kernel choice only).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import pathlib
 import platform
@@ -40,9 +48,13 @@ import time
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import jax  # pylint: disable=wrong-import-position
-import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
+
+# XLA:CPU flags for `--xla-cpu tuned` (set in the JAX worker's environment before jax starts):
+#   -reduce:         reductions by XLA's own emitter instead of YNNPACK, whose column sum over
+#                    [tokens, vocab] (the 50265-wide MLM bias gradient) takes seconds here;
+#   -individual_dot: plain dots by XLA's Eigen runtime instead of YNNPACK (a few % faster here).
+TUNED_XLA_CPU_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-reduce,-individual_dot"
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -75,7 +87,9 @@ def cpu_model() -> str:
   return platform.processor() or "unknown"
 
 
-def machine_info(torch) -> dict:
+def machine_info(torch, xla_flags: str) -> dict:
+  """Versions and host; the driver starts no JAX backend (a GPU one would take the worker's memory)."""
+  import jax  # pylint: disable=import-outside-toplevel
   import flax  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
@@ -91,16 +105,24 @@ def machine_info(torch) -> dict:
       "python": platform.python_version(),
       "jax": jax.__version__,
       "jaxlib": __import__("jaxlib").__version__,
-      "jax_backend": jax.default_backend(),
-      "jax_devices": ", ".join(str(d) for d in jax.devices()),
       "flax": flax.__version__,
       "optax": optax.__version__,
       "torch": torch.__version__,
       "transformers": transformers.__version__,
       "torch_num_threads": torch.get_num_threads(),
-      "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+      "XLA_FLAGS (jax worker)": xla_flags,
       "load_average_at_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
   }
+
+
+def rss_gb() -> str:
+  """Current / peak resident memory of this process (Linux)."""
+  try:
+    st = dict(l.split(":", 1) for l in pathlib.Path("/proc/self/status").read_text().splitlines() if ":" in l)
+    kb = lambda k: int(st[k].split()[0])
+    return f"rss {kb('VmRSS') / 2**20:.1f} GB (peak {kb('VmHWM') / 2**20:.1f} GB)"
+  except (OSError, KeyError, ValueError):
+    return "rss n/a"
 
 
 # ----------------------------------------------------------------------------- data
@@ -136,6 +158,8 @@ def write_hf_dir(torch, transformers, cfg: dict, path: pathlib.Path, seed: int):
 
 # ----------------------------------------------------------------------------- JAX (product path)
 def build_jax(args, hf_dir: pathlib.Path, workdir: pathlib.Path, total_steps: int = 10_000):
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   sys.path.insert(0, str(REPO / "configs"))
   import blair_base  # pylint: disable=import-outside-toplevel
@@ -151,7 +175,7 @@ def build_jax(args, hf_dir: pathlib.Path, workdir: pathlib.Path, total_steps: in
     c.model.dtype = args.dtype
     c.model.remat = False
     c.model.dropout = DROPOUT
-    c.loss.temp, c.loss.do_mlm, c.loss.mlm_weight = TEMP, True, MLM_WEIGHT
+    c.loss.temp, c.loss.do_mlm, c.loss.mlm_weight = TEMP, not args.no_mlm, MLM_WEIGHT
     c.loss.mlm_probability, c.loss.pooler = MLM_PROB, "cls"
     c.optim.learning_rate, c.optim.weight_decay, c.optim.grad_clip_norm = LR, 0.0, CLIP
     c.batch_size = args.batch_size
@@ -183,7 +207,7 @@ def build_jax(args, hf_dir: pathlib.Path, workdir: pathlib.Path, total_steps: in
 
 
 # ----------------------------------------------------------------------------- PyTorch baseline
-def build_torch(torch, mlm_model, special_ids, mask_token_id, device, dtype_amp):
+def build_torch(torch, mlm_model, special_ids, mask_token_id, device, dtype_amp, do_mlm=True):
   F = torch.nn.functional
 
   class TorchBlair(torch.nn.Module):
@@ -202,6 +226,8 @@ def build_torch(torch, mlm_model, special_ids, mask_token_id, device, dtype_amp)
       z = self.mlp(h[:, 0])
       cos = F.cosine_similarity(z[:b].unsqueeze(1).float(), z[b:].unsqueeze(0).float(), dim=-1) / TEMP
       cl = F.cross_entropy(cos, torch.arange(b, device=ids.device))
+      if not do_mlm:
+        return cl, cl, torch.zeros(())
       hm = self.roberta(mids, attention_mask=mask).last_hidden_state
       scores = self.lm_head(hm)
       mlm = F.cross_entropy(scores.view(-1, self.vocab_size).float(), labels.view(-1))
@@ -238,127 +264,198 @@ def build_torch(torch, mlm_model, special_ids, mask_token_id, device, dtype_amp)
   return model, step
 
 
-# ----------------------------------------------------------------------------- main
-def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-  ap.add_argument("--batch-size", type=int, default=32, help="pairs per step (2x sequences per forward)")
-  ap.add_argument("--seq-len", type=int, default=64, help="tokens per review and per meta")
-  ap.add_argument("--steps", type=int, default=5, help="timed steps per framework (median reported)")
-  ap.add_argument("--warmup", type=int, default=1, help="untimed steps per framework after compile")
-  ap.add_argument("--size", choices=tuple(SIZES), default="base")
-  ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                  help="JAX compute dtype (config.model.dtype; params stay float32). bfloat16 is meant "
-                       "for GPU; there PyTorch AMP (bf16 autocast) is timed too")
-  ap.add_argument("--skip-torch", action="store_true", help="time only the JAX step")
-  ap.add_argument("--seed", type=int, default=0)
-  args = ap.parse_args(argv)
+# ----------------------------------------------------------------------------- workers
+def _steps(fn, warmup: int, steps: int, label: str) -> dict:
+  for _ in range(warmup):
+    fn()
+  wall, cpu = [], []
+  for i in range(steps):
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    wall.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
+    print(f"  {label} step {i + 1}: {wall[-1]:.2f}s (cpu {cpu[-1]:.1f}s)  [load {os.getloadavg()[0]:.2f}]",
+          flush=True)
+  return {"wall": wall, "cpu": cpu}
 
-  import torch  # pylint: disable=import-outside-toplevel
-  import transformers  # pylint: disable=import-outside-toplevel
+
+def jax_worker(args) -> dict:
+  import jax  # pylint: disable=import-outside-toplevel
   from mmret_jax.train import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
   from mmret_jax.train import partitioning  # pylint: disable=import-outside-toplevel
-  transformers.utils.logging.disable_progress_bar()
-
-  cfg = SIZES[args.size]
-  if args.seq_len > cfg["max_position_embeddings"] - cfg["pad_token_id"] - 1:
-    ap.error(f"--seq-len {args.seq_len} exceeds the position table")
-  info = machine_info(torch)
-  print("== machine")
-  for k, v in info.items():
-    print(f"  {k}: {v}")
-  gpu = jax.default_backend() == "gpu"
-  tdev = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
-
-  print(f"== setup: roberta ({args.size}), random weights; {args.batch_size} pairs x {args.seq_len} tokens "
-        f"(review and meta), jax dtype={args.dtype}, dropout {DROPOUT}, MLM on (weight {MLM_WEIGHT})")
-  tmp = tempfile.TemporaryDirectory()
-  hf_dir, workdir = pathlib.Path(tmp.name) / "hf", pathlib.Path(tmp.name) / "work"
+  hf_dir = pathlib.Path(args.hf_dir)
   t0 = time.perf_counter()
-  tmlm, _ = write_hf_dir(torch, transformers, cfg, hf_dir, args.seed)
-  n_params = sum(p.numel() for p in tmlm.parameters())
-  print(f"  torch RobertaForMaskedLM: {n_params / 1e6:.1f} M params (lm_head tied), attn_implementation="
-        f"{tmlm.config._attn_implementation}, saved in {time.perf_counter() - t0:.1f}s")  # pylint: disable=protected-access
-
-  t0 = time.perf_counter()
-  task, mesh, state, step_fn = build_jax(args, hf_dir, workdir)
+  task, mesh, state, step_fn = build_jax(args, hf_dir, hf_dir.parent / f"work_{os.getpid()}")
   n_jax = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-  print(f"  jax BlairTask state built in {time.perf_counter() - t0:.1f}s: {n_jax / 1e6:.1f} M params "
-        f"(incl. mlp head), mask token {task.tokenizer.mask_token_id}, special ids {task.special_ids.tolist()}")
-
-  batch = make_batch(cfg, args.batch_size, args.seq_len, args.seed)
+  print(f"  [jax] BlairTask + state built in {time.perf_counter() - t0:.1f}s: {n_jax / 1e6:.1f} M params (incl. "
+        f"mlp head); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; {jax.devices()[0]}", flush=True)
+  batch = make_batch(SIZES[args.size], args.batch_size, args.seq_len, args.seed)
   gbatch = partitioning.make_global_batch(batch, mesh)
-  tokens = float(sum(batch[f"{f}_mask"].sum() for f in ("review", "meta")))
-  print(f"  batch: {2 * args.batch_size} sequences, {int(tokens)} real tokens of {2 * args.batch_size * args.seq_len}")
-
-  # ---- JAX: AOT compile (as the loop does), then warm-up.
-  print("== compile / warm-up")
   t0 = time.perf_counter()
   with jax.set_mesh(mesh):
     compiled = step_fn.lower(state, gbatch).compile()
   compile_s = time.perf_counter() - t0
   flops = metrics_lib.compiled_flops(compiled)
-  print(f"  jax compile: {compile_s:.1f}s; XLA cost analysis: "
-        f"{flops / 1e12 if flops else float('nan'):.2f} TFLOP per step")
+  try:
+    temp = compiled.memory_analysis().temp_size_in_bytes / 2**30
+  except Exception:  # pylint: disable=broad-except  # not every backend reports it
+    temp = float("nan")
+  print(f"  [jax] compile {compile_s:.1f}s; XLA cost analysis {flops / 1e12 if flops else float('nan'):.2f} "
+        f"TFLOP/step; XLA temp buffers {temp:.1f} GB", flush=True)
 
-  def jax_step():
+  def step():
     nonlocal state
     state, m = compiled(state, gbatch)
     jax.block_until_ready((state, m))
     return m
 
   t0 = time.perf_counter()
-  m = jax_step()
-  print(f"  jax first step: {time.perf_counter() - t0:.2f}s  loss {float(m['loss']):.4f} "
-        f"(cl {float(m['cl_loss']):.4f}, mlm {float(m['mlm_loss']):.4f}), grad_norm {float(m['grad_norm']):.3f}")
+  m = jax.device_get(step())
+  print(f"  [jax] first step {time.perf_counter() - t0:.2f}s: loss {float(m['loss']):.4f} (cl "
+        f"{float(m['cl_loss']):.4f}, mlm {float(m.get('mlm_loss', float('nan'))):.4f}), grad_norm {float(m['grad_norm']):.3f}; "
+        f"{rss_gb()}", flush=True)
+  out = {"jax": _steps(step, args.warmup, args.steps, "jax")}
+  out["jax"].update(compile_s=compile_s, flops=flops, temp_gb=temp, rss=rss_gb(),
+                    loss0=float(m["loss"]), gpu=jax.default_backend() == "gpu",
+                    peak=metrics_lib.peak_flops_per_device())
+  return out
 
-  sides = {"jax": jax_step}
-  if not args.skip_torch:
-    model, tstep = build_torch(torch, tmlm, task.special_ids, int(task.tokenizer.mask_token_id), tdev, False)
-    t_ids = torch.from_numpy(np.concatenate([batch["review_ids"], batch["meta_ids"]]).astype(np.int64)).to(tdev)
-    t_mask = torch.from_numpy(np.concatenate([batch["review_mask"], batch["meta_mask"]]).astype(np.int64)).to(tdev)
+
+def torch_worker(args) -> dict:
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  transformers.utils.logging.disable_progress_bar()
+  hf_dir = pathlib.Path(args.hf_dir)
+  tok = transformers.AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
+  special = sorted(set(tok.all_special_ids))
+  gpu = torch.cuda.is_available()
+  dev = torch.device("cuda" if gpu else "cpu")
+  mlm = transformers.RobertaForMaskedLM.from_pretrained(str(hf_dir))
+  print(f"  [torch] RobertaForMaskedLM loaded: attn_implementation={mlm.config._attn_implementation}, "  # pylint: disable=protected-access
+        f"threads {torch.get_num_threads()}, device {dev}", flush=True)
+  batch = make_batch(SIZES[args.size], args.batch_size, args.seq_len, args.seed)
+  ids = torch.from_numpy(np.concatenate([batch["review_ids"], batch["meta_ids"]]).astype(np.int64)).to(dev)
+  mask = torch.from_numpy(np.concatenate([batch["review_mask"], batch["meta_mask"]]).astype(np.int64)).to(dev)
+  variants = {"torch": False}
+  if gpu and args.dtype == "bfloat16":
+    variants["torch_amp_bf16"] = True
+  out = {}
+  for name, amp in variants.items():
+    _, step = build_torch(torch, mlm, special, int(tok.mask_token_id), dev, amp, do_mlm=not args.no_mlm)
     t0 = time.perf_counter()
-    loss, cl, mlm = tstep(t_ids, t_mask)
-    print(f"  torch first step: {time.perf_counter() - t0:.2f}s  loss {loss.item():.4f} "
-          f"(cl {cl.item():.4f}, mlm {mlm.item():.4f})")
-    sides["torch"] = lambda: tstep(t_ids, t_mask)
-    if gpu and args.dtype == "bfloat16":
-      _, tstep_amp = build_torch(torch, tmlm, task.special_ids, int(task.tokenizer.mask_token_id), tdev, True)
-      tstep_amp(t_ids, t_mask)
-      sides["torch_amp_bf16"] = lambda: tstep_amp(t_ids, t_mask)
-  for _ in range(args.warmup):
-    for fn in sides.values():
-      fn()
+    loss, cl, ml = step(ids, mask)
+    print(f"  [{name}] first step {time.perf_counter() - t0:.2f}s: loss {loss.item():.4f} (cl {cl.item():.4f}, "
+          f"mlm {ml.item():.4f}); {rss_gb()}", flush=True)
+    out[name] = _steps(lambda step=step: step(ids, mask), args.warmup, args.steps, name)
+    out[name].update(rss=rss_gb(), loss0=loss.item())
+  return out
 
-  print(f"== timing: {args.steps} steps per side, alternating")
-  times = {k: [] for k in sides}
-  for i in range(args.steps):
-    for k, fn in sides.items():
-      time.sleep(0.2)  # let idle OpenMP / Eigen workers stop spinning before the other side runs
-      t0 = time.perf_counter()
-      fn()
-      times[k].append(time.perf_counter() - t0)
-    print(f"  step {i + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
+
+# ----------------------------------------------------------------------------- driver
+def run_worker(side: str, args, hf_dir: pathlib.Path) -> dict:
+  import json  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  env = dict(os.environ)
+  if side == "jax" and args.xla_cpu == "tuned":
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + TUNED_XLA_CPU_FLAGS).strip()
+  with tempfile.NamedTemporaryFile("r", suffix=".json", dir=hf_dir.parent) as res:
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--side", side, "--hf-dir", str(hf_dir),
+           "--result", res.name, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--size", args.size,
+           "--dtype", args.dtype, "--seed", str(args.seed)] + (["--no-mlm"] if args.no_mlm else [])
+    rc = subprocess.call(cmd, env=env)
+    if rc:
+      raise SystemExit(f"{side} worker failed with exit status {rc}")
+    return json.load(res)
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+  ap.add_argument("--batch-size", type=int, default=32, help="pairs per step (2x sequences per forward)")
+  ap.add_argument("--seq-len", type=int, default=64, help="tokens per review and per meta")
+  ap.add_argument("--steps", type=int, default=5, help="timed steps per side and round (median reported)")
+  ap.add_argument("--warmup", type=int, default=1, help="untimed steps per side after compile / first step")
+  ap.add_argument("--rounds", type=int, default=1, help="JAX, PyTorch, JAX, PyTorch, ... worker pairs")
+  ap.add_argument("--size", choices=tuple(SIZES), default="base")
+  ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                  help="JAX compute dtype (config.model.dtype; params stay float32). bfloat16 is meant "
+                       "for GPU; there PyTorch AMP (bf16 autocast) is timed too")
+  ap.add_argument("--xla-cpu", choices=("default", "tuned"), default="tuned",
+                  help="tuned: the JAX worker runs with TUNED_XLA_CPU_FLAGS appended to XLA_FLAGS")
+  ap.add_argument("--skip-torch", action="store_true", help="time only the JAX step")
+  ap.add_argument("--no-mlm", action="store_true",
+                  help="diagnostic: contrastive loss only on both sides (no MLM forward / head)")
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)  # worker mode
+  ap.add_argument("--hf-dir", help=argparse.SUPPRESS)
+  ap.add_argument("--result", help=argparse.SUPPRESS)
+  args = ap.parse_args(argv)
+  cfg = SIZES[args.size]
+  if args.seq_len > cfg["max_position_embeddings"] - cfg["pad_token_id"] - 1:
+    ap.error(f"--seq-len {args.seq_len} exceeds the position table")
+
+  if args.side:  # worker
+    import json  # pylint: disable=import-outside-toplevel
+    out = (jax_worker if args.side == "jax" else torch_worker)(args)
+    pathlib.Path(args.result).write_text(json.dumps(out))
+    return 0
+
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  transformers.utils.logging.disable_progress_bar()
+  tuned = TUNED_XLA_CPU_FLAGS if args.xla_cpu == "tuned" else ""
+  info = machine_info(torch, (os.environ.get("XLA_FLAGS", "") + " " + tuned).strip())
+  print("== machine")
+  for k, v in info.items():
+    print(f"  {k}: {v}")
+  print(f"== setup: roberta ({args.size}), random weights; {args.batch_size} pairs x {args.seq_len} tokens "
+        f"(review and meta), jax dtype={args.dtype}, dropout {DROPOUT}, "
+        f"{'MLM OFF (diagnostic)' if args.no_mlm else f'MLM on (weight {MLM_WEIGHT})'}, "
+        f"--xla-cpu {args.xla_cpu}")
+  tmp = tempfile.TemporaryDirectory()
+  hf_dir = pathlib.Path(tmp.name) / "hf"
+  tmlm, _ = write_hf_dir(torch, transformers, cfg, hf_dir, args.seed)
+  n_params = sum(p.numel() for p in tmlm.parameters())
+  del tmlm
+  batch = make_batch(cfg, args.batch_size, args.seq_len, args.seed)
+  n_tok = int(sum(batch[f"{f}_mask"].sum() for f in ("review", "meta")))
+  print(f"  RobertaForMaskedLM {n_params / 1e6:.1f} M params (decoder tied) saved to a temp dir; batch "
+        f"{2 * args.batch_size} sequences, {n_tok} real tokens of {2 * args.batch_size * args.seq_len}", flush=True)
+
+  res: dict[str, dict] = {}
+  for r in range(args.rounds):
+    print(f"== round {r + 1}/{args.rounds}", flush=True)
+    for side in ("jax",) + (() if args.skip_torch else ("torch",)):
+      for name, v in run_worker(side, args, hf_dir).items():
+        if name not in res:
+          res[name] = {**v, "wall": [], "cpu": []}
+        res[name]["wall"] += v["wall"]
+        res[name]["cpu"] += v["cpu"]
+        if name == "jax":
+          res[name].setdefault("compile_all", []).append(v["compile_s"])
 
   print("== results (median seconds per step -> samples/s = pairs/s)")
-  sps = {}
-  for k, v in times.items():
-    med = statistics.median(v)
-    sps[k] = args.batch_size / med
-    print(f"  {k:15s} {med:8.3f} s/step  {sps[k]:8.2f} samples/s  {sps[k] * 2 * args.seq_len:9.1f} padded tok/s  "
-          f"(steps: {', '.join(f'{x:.2f}' for x in v)})")
-  print(f"  jax compile time (excluded): {compile_s:.1f}s")
+  sps, cpu = {}, {}
+  for k, v in res.items():
+    med = statistics.median(v["wall"])
+    sps[k], cpu[k] = args.batch_size / med, statistics.median(v["cpu"])
+    print(f"  {k:15s} {med:8.3f} s/step  {sps[k]:8.3f} samples/s  {sps[k] * 2 * args.seq_len:8.1f} padded tok/s  "
+          f"cpu {cpu[k]:.1f} s/step  (steps: {', '.join(f'{x:.2f}' for x in v['wall'])}; {v['rss']})")
+  j = res["jax"]
+  print(f"  jax compile time (excluded from timing): {', '.join(f'{c:.1f}s' for c in j['compile_all'])}")
   if "torch" in sps:
-    print(f"  ratio JAX[{args.dtype}]/PyTorch[float32 eager, {tdev.type}]: {sps['jax'] / sps['torch']:.3f}")
+    dev = "cuda" if j["gpu"] else "cpu"
+    print(f"  ratio JAX[{args.dtype}]/PyTorch[float32 eager, {dev}] samples/s: {sps['jax'] / sps['torch']:.3f}  "
+          f"(by median CPU s/step: {cpu['torch'] / cpu['jax']:.3f})")
   if "torch_amp_bf16" in sps:
     print(f"  ratio JAX[{args.dtype}]/PyTorch[AMP bf16]: {sps['jax'] / sps['torch_amp_bf16']:.3f}")
-  if gpu:
-    peak = metrics_lib.peak_flops_per_device()
-    med = statistics.median(times["jax"])
-    model_flops = 6 * n_params * 2 * args.batch_size * args.seq_len * 2  # two forwards of 2B sequences
-    if peak:
-      print(f"  MFU (6*params*tokens, both forwards): {model_flops / med / peak:.3f}"
-            + (f"; MFU (XLA cost analysis): {flops / med / peak:.3f}" if flops else "")
-            + f"  [peak {peak / 1e12:.0f} TFLOP/s]")
+  if j["gpu"]:
+    med = statistics.median(j["wall"])
+    model_flops = 6 * n_params * 2 * args.batch_size * args.seq_len * 2  # 2 forwards of 2B sequences each
+    if j["peak"]:
+      print(f"  MFU (6*params*tokens, both forwards): {model_flops / med / j['peak']:.3f}"
+            + (f"; MFU (XLA cost analysis): {j['flops'] / med / j['peak']:.3f}" if j["flops"] else "")
+            + f"  [peak {j['peak'] / 1e12:.0f} TFLOP/s]")
     else:
       print("  MFU: unknown device peak")
   print(f"  load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
