@@ -7,6 +7,8 @@ seed's DDP all_gather, without the gather).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -40,6 +42,37 @@ def masked_lm_loss(logits: jax.Array, labels: jax.Array, ignore_index: int = -10
   ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
                                                        jnp.where(valid, labels, 0))
   return jnp.sum(ce * valid) / jnp.maximum(valid.sum(), 1)
+
+
+def mlm_prediction_cap(seq_len: int, probability: float, max_predictions: int = 0) -> int:
+  """Static number of MLM head positions per row. `max_predictions` > 0 is taken as is (capped at
+  `seq_len`); -1 means every position (the seed's full-sequence head); 0 = auto: the binomial mean
+  plus 6 standard deviations, so a row overflows with probability < 1e-7 (64 tokens, p=0.15: 27)."""
+  if max_predictions == -1:
+    return seq_len
+  if max_predictions > 0:
+    return min(seq_len, int(max_predictions))
+  if max_predictions != 0:
+    raise ValueError(f"mlm_max_predictions must be -1 (all), 0 (auto) or > 0, got {max_predictions}")
+  p = float(probability)
+  return min(seq_len, math.ceil(p * seq_len + 6.0 * math.sqrt(seq_len * p * (1.0 - p))) + 1)
+
+
+def select_mlm_positions(labels: jax.Array, cap: int, ignore_index: int = -100
+                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per row, the first `cap` positions whose label != ignore_index (then unlabelled ones as
+  filler). Returns (positions [B, cap] int32, their labels [B, cap] (filler = ignore_index),
+  number of labelled positions that did not fit, summed over rows). With no overflow the MLM
+  loss over the selected positions equals the loss over the whole sequence exactly."""
+  valid = labels != ignore_index
+  if cap >= labels.shape[1]:
+    pos = jnp.broadcast_to(jnp.arange(labels.shape[1], dtype=jnp.int32), labels.shape)
+    return pos, labels, jnp.zeros((), jnp.int32)
+  # Stable sort on "not labelled": labelled positions first, in sequence order.
+  pos = jnp.argsort(~valid, axis=1, stable=True)[:, :cap].astype(jnp.int32)
+  sel = jnp.take_along_axis(labels, pos, axis=1)
+  dropped = jnp.maximum(valid.sum(axis=1) - cap, 0).sum().astype(jnp.int32)
+  return pos, sel, dropped
 
 
 def mask_tokens(rng: jax.Array, input_ids: jax.Array, special: jax.Array, *, mask_token_id: int,

@@ -9,6 +9,7 @@ ignore_index -100 over flattened logits; total = cl + 0.1 * mlm.
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 import sys
@@ -287,3 +288,68 @@ def test_mlm_masking_statistics(setup):
   check("<mask> / selected", n_mask, n_pick, 0.8 + 0.1 / vocab)
   check("unchanged / selected", n_same, n_pick, 0.1 + 0.1 / vocab)
   check("random / selected", n_pick - n_mask - n_same, n_pick, 0.1 * (1 - 2 / vocab))
+
+
+def test_mlm_prediction_cap():
+  from mmret_jax import losses  # pylint: disable=import-outside-toplevel
+  for seq_len in (16, 24, 64, 128, 512):
+    cap = losses.mlm_prediction_cap(seq_len, 0.15)
+    assert cap < seq_len
+    # Exact binomial tail: a row of seq_len maskable tokens overflows the cap with p < 1e-7.
+    tail = sum(math.comb(seq_len, k) * 0.15 ** k * 0.85 ** (seq_len - k) for k in range(cap + 1, seq_len + 1))
+    assert tail < 1e-7, (seq_len, cap, tail)
+  assert losses.mlm_prediction_cap(64, 0.15, -1) == 64
+  assert losses.mlm_prediction_cap(64, 0.15, 10) == 10
+  assert losses.mlm_prediction_cap(8, 0.15, 10) == 8
+  with pytest.raises(ValueError, match="mlm_max_predictions"):
+    losses.mlm_prediction_cap(64, 0.15, -3)
+
+
+def test_select_mlm_positions_keeps_the_loss_and_counts_overflow():
+  from mmret_jax import losses  # pylint: disable=import-outside-toplevel
+  rs = np.random.RandomState(5)
+  b, length, vocab = 7, 20, 11
+  labels = np.where(rs.rand(b, length) < 0.3, rs.randint(0, vocab, (b, length)), -100).astype(np.int32)
+  labels[0] = -100  # a row with nothing to predict
+  labels[1] = -100
+  labels[1, 3:15] = 3  # a row with 12 labels
+  logits = rs.randn(b, length, vocab).astype(np.float32)
+  full = float(losses.masked_lm_loss(jnp.asarray(logits), jnp.asarray(labels)))
+  counts = (labels != -100).sum(1)
+  assert counts.max() == 12
+  for cap in (12, 15, length):
+    pos, sel, dropped = losses.select_mlm_positions(jnp.asarray(labels), cap)
+    pos, sel = np.asarray(pos), np.asarray(sel)
+    assert pos.shape == (b, cap) and int(dropped) == 0
+    if cap == length:  # no selection: every position, as is
+      np.testing.assert_array_equal(pos, np.broadcast_to(np.arange(length), (b, length)))
+    # Otherwise every labelled position is selected once, in order, with its label.
+    for r in range(b if cap < length else 0):
+      np.testing.assert_array_equal(pos[r, :counts[r]], np.flatnonzero(labels[r] != -100))
+      assert (sel[r, counts[r]:] == -100).all()
+    got = float(losses.masked_lm_loss(jnp.asarray(np.take_along_axis(logits, pos[..., None], 1)),
+                                      jnp.asarray(sel)))
+    np.testing.assert_allclose(got, full, rtol=1e-6)
+  cap = 4
+  _, sel, dropped = losses.select_mlm_positions(jnp.asarray(labels), cap)
+  assert int(dropped) == int(np.maximum(counts - cap, 0).sum()) > 0
+  assert int((np.asarray(sel) != -100).sum()) == int(np.minimum(counts, cap).sum())
+
+
+def test_capped_mlm_head_equals_full_head_in_the_task(setup):
+  """The task's loss with the auto cap (head at <= cap positions per row) equals the seed's
+  full-sequence head (-1) on the same batch and rng; a too-small cap is counted, not silent."""
+  batch = {k: jnp.asarray(v) for k, v in _batch(_task(setup)).items() if k != "index"}
+  rng = jax.random.PRNGKey(99)
+  out = {}
+  for cap in (-1, 0, 2):
+    task = _task(setup, mlm_max_predictions=cap)
+    params = _params(setup, task)
+    out[cap] = jax.jit(lambda p, b, r, t=task: t.loss_fn(p, b, r, train=True))(params, batch, rng)
+  from mmret_jax import losses  # pylint: disable=import-outside-toplevel
+  assert losses.mlm_prediction_cap(MAX_LEN, 0.15) < MAX_LEN  # the parity tests above use the cap
+  (l_full, a_full), (l_auto, a_auto), (_, a_two) = out[-1], out[0], out[2]
+  np.testing.assert_allclose(float(l_auto), float(l_full), rtol=2e-6)
+  np.testing.assert_allclose(float(a_auto["mlm_loss"]), float(a_full["mlm_loss"]), rtol=2e-6)
+  assert float(a_full["mlm_overflow"]) == float(a_auto["mlm_overflow"]) == 0.0
+  assert float(a_two["mlm_overflow"]) > 0

@@ -240,7 +240,8 @@ class BertModel(nn.Module):
 
   Returns a dict: `last_hidden_state` [B, L, D]; `pooler_output` [B, D] if
   `add_pooling_layer`; `hidden_states` (embeddings + every layer) if asked;
-  `mlm_logits` float32 [B, L, V] if `add_mlm_head` and `return_mlm_logits`;
+  `mlm_logits` float32 [B, L, V] if `add_mlm_head` and `return_mlm_logits` ([B, M, V] at the
+  positions `mlm_positions` [B, M] when given: the head then runs only where MLM labels are);
   `cl_output` [B, D] = tanh(mlp(h[:, 0])) if `add_cl_head`.
   """
   config: BertConfig
@@ -257,7 +258,8 @@ class BertModel(nn.Module):
                encoder_hidden_states: Array | None = None,
                encoder_attention_mask: Array | None = None, *,
                deterministic: bool = True, output_hidden_states: bool = False,
-               return_mlm_logits: bool = False) -> dict[str, Array]:
+               return_mlm_logits: bool = False,
+               mlm_positions: Array | None = None) -> dict[str, Array]:
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     if attention_mask is None:
@@ -288,10 +290,11 @@ class BertModel(nn.Module):
     if self.add_cl_head:
       out["cl_output"] = head("mlp")(h[:, 0])
     if self.add_mlm_head and return_mlm_logits:
+      hm = h if mlm_positions is None else jnp.take_along_axis(h, mlm_positions[..., None], axis=1)
       if c.is_roberta:
-        out["mlm_logits"] = MlmHead(c, name="lm_head", **kw)(h, embeddings)
+        out["mlm_logits"] = MlmHead(c, name="lm_head", **kw)(hm, embeddings)
       else:
-        out["mlm_logits"] = _BertCls(c, name="cls", **kw)(h, embeddings)
+        out["mlm_logits"] = _BertCls(c, name="cls", **kw)(hm, embeddings)
     return out
 
 

@@ -200,6 +200,21 @@ class BlairTask(Task):
                               vocab_size=self.model_config.vocab_size,
                               probability=float(self.config.loss.mlm_probability))
 
+  def mlm_loss(self, params, ids, mask, r_mask, r_drop) -> tuple[jax.Array, dict]:
+    """Seed MLM on masked copies of `ids` (a second encoder pass, dropout on). The vocab head runs
+    only at the labelled positions (a static per-row cap, `loss.mlm_max_predictions`; -1 = every
+    position as the seed does): the same loss, without [B, L, vocab] logits. Labelled positions
+    beyond the cap (probability < 1e-7 per row with the auto cap) are left out of the loss and
+    counted in `mlm_overflow`."""
+    c = self.config.loss
+    mids, labels = self.mask_for_mlm(r_mask, ids)
+    cap = losses.mlm_prediction_cap(ids.shape[1], float(c.mlm_probability), int(c.mlm_max_predictions))
+    pos, sel, dropped = losses.select_mlm_positions(labels, cap)
+    out = self.model.apply({"params": params["encoder"]}, mids, mask, deterministic=False,
+                           rngs={"dropout": r_drop}, return_mlm_logits=True,
+                           mlm_positions=None if cap >= ids.shape[1] else pos)
+    return losses.masked_lm_loss(out["mlm_logits"], sel), {"mlm_overflow": dropped.astype(jnp.float32)}
+
   def loss_fn(self, params, batch, rng, train: bool = True):
     c = self.config.loss
     b = batch["review_ids"].shape[0]
@@ -212,11 +227,8 @@ class BlairTask(Task):
     aux = {"cl_loss": cl, "tokens": mask.sum().astype(jnp.float32)}
     loss = cl
     if c.do_mlm and train and float(c.mlm_weight) > 0:
-      mids, labels = self.mask_for_mlm(r_mask, ids)
-      out = self.model.apply({"params": params["encoder"]}, mids, mask, deterministic=False,
-                             rngs={"dropout": r_drop2}, return_mlm_logits=True)
-      mlm = losses.masked_lm_loss(out["mlm_logits"], labels)
-      aux["mlm_loss"] = mlm
+      mlm, extra = self.mlm_loss(params, ids, mask, r_mask, r_drop2)
+      aux.update(extra, mlm_loss=mlm)
       loss = cl + float(c.mlm_weight) * mlm
     if c.learnable_temp:
       aux["temperature"] = 1.0 / self.scale(params)

@@ -172,10 +172,8 @@ class BlairClipTask(BlairTask):
     if lc.do_mlm and train and float(lc.mlm_weight) > 0:
       ids = jnp.concatenate([batch["review_ids"], batch["meta_ids"]], 0)
       mask = jnp.concatenate([batch["review_mask"], batch["meta_mask"]], 0)
-      mids, labels = self.mask_for_mlm(r_mask, ids)
-      out = self.model.apply({"params": params["encoder"]}, mids, mask, deterministic=False,
-                             rngs={"dropout": r_drop2}, return_mlm_logits=True)
-      aux["mlm_loss"] = losses.masked_lm_loss(out["mlm_logits"], labels)
+      aux["mlm_loss"], extra = self.mlm_loss(params, ids, mask, r_mask, r_drop2)
+      aux.update(extra)
       loss = loss + float(lc.mlm_weight) * aux["mlm_loss"]
     return loss, aux
 
