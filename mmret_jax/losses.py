@@ -44,33 +44,42 @@ def masked_lm_loss(logits: jax.Array, labels: jax.Array, ignore_index: int = -10
   return jnp.sum(ce * valid) / jnp.maximum(valid.sum(), 1)
 
 
-def mlm_prediction_cap(seq_len: int, probability: float, max_predictions: int = 0) -> int:
-  """Static number of MLM head positions per row. `max_predictions` > 0 is taken as is (capped at
-  `seq_len`); -1 means every position (the seed's full-sequence head); 0 = auto: the binomial mean
-  plus 6 standard deviations, so a row overflows with probability < 1e-7 (64 tokens, p=0.15: 27)."""
+def mlm_prediction_cap(tokens: int, probability: float, max_predictions: int = 0, rows: int = 1) -> int:
+  """Static number of MLM head positions for a group of `tokens` positions (`rows` sequences).
+  `max_predictions` > 0: that many per sequence (x rows, at most `tokens`); -1: every position (the
+  seed's full-sequence head); 0 = auto: the binomial mean plus 6 standard deviations, so that a
+  group overflows with probability < 1e-7 (one row of 64 tokens at p=0.15: 28; 4096 tokens: 753)."""
   if max_predictions == -1:
-    return seq_len
+    return tokens
   if max_predictions > 0:
-    return min(seq_len, int(max_predictions))
+    return min(tokens, int(max_predictions) * rows)
   if max_predictions != 0:
     raise ValueError(f"mlm_max_predictions must be -1 (all), 0 (auto) or > 0, got {max_predictions}")
   p = float(probability)
-  return min(seq_len, math.ceil(p * seq_len + 6.0 * math.sqrt(seq_len * p * (1.0 - p))) + 1)
+  return min(tokens, math.ceil(p * tokens + 6.0 * math.sqrt(tokens * p * (1.0 - p))) + 1)
 
 
-def select_mlm_positions(labels: jax.Array, cap: int, ignore_index: int = -100
+def select_mlm_positions(labels: jax.Array, cap: int, groups: int | None = None, ignore_index: int = -100
                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Per row, the first `cap` positions whose label != ignore_index (then unlabelled ones as
-  filler). Returns (positions [B, cap] int32, their labels [B, cap] (filler = ignore_index),
-  number of labelled positions that did not fit, summed over rows). With no overflow the MLM
-  loss over the selected positions equals the loss over the whole sequence exactly."""
-  valid = labels != ignore_index
-  if cap >= labels.shape[1]:
-    pos = jnp.broadcast_to(jnp.arange(labels.shape[1], dtype=jnp.int32), labels.shape)
-    return pos, labels, jnp.zeros((), jnp.int32)
+  """The labelled positions of `labels` [B, L], for a head that runs only there.
+
+  The B*L positions are split into `groups` equal contiguous groups (default B: one per row; use
+  the number of batch shards so a group never spans devices). Per group: the first `cap` positions
+  whose label != ignore_index, in order, then unlabelled ones as filler. Returns (positions
+  [groups, cap] int32 into the group's flattened tokens, their labels [groups, cap] (filler =
+  ignore_index), number of labelled positions that did not fit). With no overflow the MLM loss
+  over the selected positions equals the loss over every position exactly."""
+  groups = labels.shape[0] if groups is None else int(groups)
+  if labels.size % groups:
+    raise ValueError(f"{labels.shape[0]} rows do not split into {groups} MLM groups")
+  flat = labels.reshape(groups, -1)
+  if cap >= flat.shape[1]:
+    pos = jnp.broadcast_to(jnp.arange(flat.shape[1], dtype=jnp.int32), flat.shape)
+    return pos, flat, jnp.zeros((), jnp.int32)
+  valid = flat != ignore_index
   # Stable sort on "not labelled": labelled positions first, in sequence order.
   pos = jnp.argsort(~valid, axis=1, stable=True)[:, :cap].astype(jnp.int32)
-  sel = jnp.take_along_axis(labels, pos, axis=1)
+  sel = jnp.take_along_axis(flat, pos, axis=1)
   dropped = jnp.maximum(valid.sum(axis=1) - cap, 0).sum().astype(jnp.int32)
   return pos, sel, dropped
 

@@ -263,3 +263,33 @@ def test_remat_gives_identical_outputs_and_grads(hf_dirs):
   assert len(flat1) == len(flat2) > 0
   for x, y in zip(flat1, flat2):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case,remat", [("roberta-h48-3heads-3layers", False), ("bert-h60-5heads-eps1e-7", True)])
+def test_cls_only_last_layer_matches_hf_cls(hf_dirs, case, remat):
+  """cls_only_last_layer: the last block for position 0 alone (keys / values over every position)
+  gives HF's CLS state and pooler output; the MLM head cannot be asked for with it."""
+  path, tmodel, _ = hf_dirs(case)
+  cfg = tmodel.config
+  model, params, _ = _load(path, remat=remat)
+  inputs = _inputs(cfg.model_type, cfg.vocab_size, cfg.pad_token_id, seed=4)
+  ref = _torch_run(tmodel, inputs, output_hidden_states=True)
+  out = _ours_run(model, params, inputs, cls_only_last_layer=True, output_hidden_states=True)
+  assert out["last_hidden_state"].shape == (3, 1, cfg.hidden_size)
+  assert _maxdiff(out["last_hidden_state"], ref.last_hidden_state[:, :1]) <= FP32_ATOL
+  assert _maxdiff(out["pooler_output"], ref.pooler_output) <= FP32_ATOL
+  assert _maxdiff(out["hidden_states"][-2], ref.hidden_states[-2]) <= FP32_ATOL  # earlier layers in full
+  assert float(np.abs(ref.last_hidden_state[:, 0].numpy()).max()) > 0.5
+
+  # Gradients through the CLS state equal those of the full last layer.
+  def loss(p, cls_only):
+    h = _ours_run(model, p, inputs, cls_only_last_layer=cls_only)["last_hidden_state"][:, 0]
+    return jnp.sum(jnp.sin(h))
+
+  g_full = jax.tree_util.tree_leaves(jax.grad(loss)(params, False))
+  g_cls = jax.tree_util.tree_leaves(jax.grad(loss)(params, True))
+  assert len(g_full) == len(g_cls) > 0
+  for x, y in zip(g_full, g_cls):  # fp32 rounding of a different op order, relative to the leaf's scale
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=0, atol=1e-6 * max(1.0, float(np.abs(x).max())))
+  with pytest.raises(ValueError, match="cls_only_last_layer"):
+    _ours_run(model, params, inputs, cls_only_last_layer=True, return_mlm_logits=True)

@@ -292,20 +292,25 @@ def test_mlm_masking_statistics(setup):
 
 def test_mlm_prediction_cap():
   from mmret_jax import losses  # pylint: disable=import-outside-toplevel
-  for seq_len in (16, 24, 64, 128, 512):
-    cap = losses.mlm_prediction_cap(seq_len, 0.15)
-    assert cap < seq_len
-    # Exact binomial tail: a row of seq_len maskable tokens overflows the cap with p < 1e-7.
-    tail = sum(math.comb(seq_len, k) * 0.15 ** k * 0.85 ** (seq_len - k) for k in range(cap + 1, seq_len + 1))
-    assert tail < 1e-7, (seq_len, cap, tail)
+  for tokens in (16, 24, 64, 128, 512, 4096):
+    cap = losses.mlm_prediction_cap(tokens, 0.15)
+    assert cap < tokens
+    # Exact binomial tail (in logs): a group of `tokens` maskable positions overflows with p < 1e-7.
+    logpmf = lambda k, n=tokens: (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+                                  + k * math.log(0.15) + (n - k) * math.log(0.85))
+    tail = sum(math.exp(logpmf(k)) for k in range(cap + 1, tokens + 1))
+    assert tail < 1e-7, (tokens, cap, tail)
+  assert losses.mlm_prediction_cap(64, 0.15) == 28 and losses.mlm_prediction_cap(4096, 0.15) == 753
   assert losses.mlm_prediction_cap(64, 0.15, -1) == 64
   assert losses.mlm_prediction_cap(64, 0.15, 10) == 10
+  assert losses.mlm_prediction_cap(128, 0.15, 10, rows=2) == 20
   assert losses.mlm_prediction_cap(8, 0.15, 10) == 8
   with pytest.raises(ValueError, match="mlm_max_predictions"):
     losses.mlm_prediction_cap(64, 0.15, -3)
 
 
-def test_select_mlm_positions_keeps_the_loss_and_counts_overflow():
+@pytest.mark.parametrize("groups", [None, 1, 7])
+def test_select_mlm_positions_keeps_the_loss_and_counts_overflow(groups):
   from mmret_jax import losses  # pylint: disable=import-outside-toplevel
   rs = np.random.RandomState(5)
   b, length, vocab = 7, 20, 11
@@ -315,25 +320,29 @@ def test_select_mlm_positions_keeps_the_loss_and_counts_overflow():
   labels[1, 3:15] = 3  # a row with 12 labels
   logits = rs.randn(b, length, vocab).astype(np.float32)
   full = float(losses.masked_lm_loss(jnp.asarray(logits), jnp.asarray(labels)))
-  counts = (labels != -100).sum(1)
-  assert counts.max() == 12
-  for cap in (12, 15, length):
-    pos, sel, dropped = losses.select_mlm_positions(jnp.asarray(labels), cap)
+  g = b if groups is None else groups
+  flat_labels, flat_logits = labels.reshape(g, -1), logits.reshape(g, -1, vocab)
+  counts = (flat_labels != -100).sum(1)
+  n = flat_labels.shape[1]
+  for cap in (int(counts.max()), int(counts.max()) + 3, n):
+    pos, sel, dropped = losses.select_mlm_positions(jnp.asarray(labels), cap, groups)
     pos, sel = np.asarray(pos), np.asarray(sel)
-    assert pos.shape == (b, cap) and int(dropped) == 0
-    if cap == length:  # no selection: every position, as is
-      np.testing.assert_array_equal(pos, np.broadcast_to(np.arange(length), (b, length)))
+    assert pos.shape == (g, cap) and int(dropped) == 0
+    if cap == n:  # no selection: every position, as is
+      np.testing.assert_array_equal(pos, np.broadcast_to(np.arange(n), (g, n)))
     # Otherwise every labelled position is selected once, in order, with its label.
-    for r in range(b if cap < length else 0):
-      np.testing.assert_array_equal(pos[r, :counts[r]], np.flatnonzero(labels[r] != -100))
+    for r in range(g if cap < n else 0):
+      np.testing.assert_array_equal(pos[r, :counts[r]], np.flatnonzero(flat_labels[r] != -100))
       assert (sel[r, counts[r]:] == -100).all()
-    got = float(losses.masked_lm_loss(jnp.asarray(np.take_along_axis(logits, pos[..., None], 1)),
+    got = float(losses.masked_lm_loss(jnp.asarray(np.take_along_axis(flat_logits, pos[..., None], 1)),
                                       jnp.asarray(sel)))
     np.testing.assert_allclose(got, full, rtol=1e-6)
   cap = 4
-  _, sel, dropped = losses.select_mlm_positions(jnp.asarray(labels), cap)
+  _, sel, dropped = losses.select_mlm_positions(jnp.asarray(labels), cap, groups)
   assert int(dropped) == int(np.maximum(counts - cap, 0).sum()) > 0
   assert int((np.asarray(sel) != -100).sum()) == int(np.minimum(counts, cap).sum())
+  with pytest.raises(ValueError, match="MLM groups"):
+    losses.select_mlm_positions(jnp.asarray(labels), cap, 3)
 
 
 def test_capped_mlm_head_equals_full_head_in_the_task(setup):
@@ -347,7 +356,7 @@ def test_capped_mlm_head_equals_full_head_in_the_task(setup):
     params = _params(setup, task)
     out[cap] = jax.jit(lambda p, b, r, t=task: t.loss_fn(p, b, r, train=True))(params, batch, rng)
   from mmret_jax import losses  # pylint: disable=import-outside-toplevel
-  assert losses.mlm_prediction_cap(MAX_LEN, 0.15) < MAX_LEN  # the parity tests above use the cap
+  assert losses.mlm_prediction_cap(2 * BATCH * MAX_LEN, 0.15) < 2 * BATCH * MAX_LEN  # parity tests use the cap
   (l_full, a_full), (l_auto, a_auto), (_, a_two) = out[-1], out[0], out[2]
   np.testing.assert_allclose(float(l_auto), float(l_full), rtol=2e-6)
   np.testing.assert_allclose(float(a_auto["mlm_loss"]), float(a_full["mlm_loss"]), rtol=2e-6)

@@ -149,13 +149,18 @@ class BertLayer(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask, encoder_hidden_states=None, encoder_mask=None, deterministic=True):
-    """x: [B, L, D]; mask: bool [B, 1, 1, L]; encoder_hidden_states: [B, S, De]."""
+  def __call__(self, x, mask, encoder_hidden_states=None, encoder_mask=None, deterministic=True,
+               query_first_only=False):
+    """x: [B, L, D]; mask: bool [B, 1, 1|L, L]; encoder_hidden_states: [B, S, De].
+    query_first_only: outputs for position 0 alone ([B, 1, D]); keys / values still span x."""
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     lkw = dict(kw, init_std=c.initializer_range)
     x = layers.constrain(x, ("batch", "length", "embed"))
-    h = BertAttentionBlock(c, name="attention", **kw)(x, None, mask, deterministic)
+    if query_first_only:
+      h = BertAttentionBlock(c, name="attention", **kw)(x[:, :1], x, mask[:, :, :1], deterministic)
+    else:
+      h = BertAttentionBlock(c, name="attention", **kw)(x, None, mask, deterministic)
     if c.add_cross_attention:
       if encoder_hidden_states is None:
         raise ValueError("add_cross_attention=True needs encoder_hidden_states")
@@ -224,13 +229,15 @@ class BertEncoder(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, h, mask, encoder_hidden_states=None, encoder_mask=None, deterministic=True):
-    # static_argnums counts `self` as 0: argument 5 is `deterministic`.
-    block = nn.remat(BertLayer, static_argnums=(5,)) if self.remat else BertLayer
+  def __call__(self, h, mask, encoder_hidden_states=None, encoder_mask=None, deterministic=True,
+               cls_only_last_layer=False):
+    # static_argnums counts `self` as 0: arguments 5 and 6 are `deterministic`, `query_first_only`.
+    block = nn.remat(BertLayer, static_argnums=(5, 6)) if self.remat else BertLayer
     states = []
-    for i in range(self.config.num_hidden_layers):
+    n = self.config.num_hidden_layers
+    for i in range(n):
       h = block(self.config, self.dtype, self.param_dtype, name=f"layer_{i}")(
-          h, mask, encoder_hidden_states, encoder_mask, deterministic)
+          h, mask, encoder_hidden_states, encoder_mask, deterministic, cls_only_last_layer and i == n - 1)
       states.append(h)
     return states
 
@@ -240,8 +247,12 @@ class BertModel(nn.Module):
 
   Returns a dict: `last_hidden_state` [B, L, D]; `pooler_output` [B, D] if
   `add_pooling_layer`; `hidden_states` (embeddings + every layer) if asked;
-  `mlm_logits` float32 [B, L, V] if `add_mlm_head` and `return_mlm_logits` ([B, M, V] at the
-  positions `mlm_positions` [B, M] when given: the head then runs only where MLM labels are);
+  `mlm_logits` float32 [B, L, V] if `add_mlm_head` and `return_mlm_logits`; with `mlm_positions`
+  [G, M] only there: the B*L tokens split into G equal contiguous groups (G = B: per row), M
+  positions into each group's flattened tokens -> [G, M, V] (see losses.select_mlm_positions);
+  with `cls_only_last_layer` the last block runs for position 0 alone (its keys and values still
+  see every position): `last_hidden_state` is then [B, 1, D], exact for CLS pooling at ~1/num_layers
+  less compute;
   `cl_output` [B, D] = tanh(mlp(h[:, 0])) if `add_cl_head`.
   """
   config: BertConfig
@@ -259,7 +270,8 @@ class BertModel(nn.Module):
                encoder_attention_mask: Array | None = None, *,
                deterministic: bool = True, output_hidden_states: bool = False,
                return_mlm_logits: bool = False,
-               mlm_positions: Array | None = None) -> dict[str, Array]:
+               mlm_positions: Array | None = None,
+               cls_only_last_layer: bool = False) -> dict[str, Array]:
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     if attention_mask is None:
@@ -275,10 +287,12 @@ class BertModel(nn.Module):
       if encoder_attention_mask is None:
         encoder_attention_mask = jnp.ones(encoder_hidden_states.shape[:2], jnp.int32)
       enc_mask = layers.attention_bias_from_mask(encoder_attention_mask)
+    if cls_only_last_layer and return_mlm_logits:
+      raise ValueError("cls_only_last_layer leaves no per-token states for the MLM head")
     states = BertEncoder(c, remat=self.remat, name="encoder", **kw)(
         h0, layers.attention_bias_from_mask(attention_mask, input_ids.shape[1] if c.is_decoder else None),
         encoder_hidden_states, enc_mask,
-        deterministic)
+        deterministic, cls_only_last_layer)
     h = states[-1] if states else h0
     out = {"last_hidden_state": h}
     if output_hidden_states:
@@ -290,7 +304,10 @@ class BertModel(nn.Module):
     if self.add_cl_head:
       out["cl_output"] = head("mlp")(h[:, 0])
     if self.add_mlm_head and return_mlm_logits:
-      hm = h if mlm_positions is None else jnp.take_along_axis(h, mlm_positions[..., None], axis=1)
+      hm = h
+      if mlm_positions is not None:
+        hm = h.reshape(mlm_positions.shape[0], -1, h.shape[-1])
+        hm = jnp.take_along_axis(hm, mlm_positions[..., None], axis=1)
       if c.is_roberta:
         out["mlm_logits"] = MlmHead(c, name="lm_head", **kw)(hm, embeddings)
       else:

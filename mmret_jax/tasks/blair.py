@@ -180,9 +180,10 @@ class BlairTask(Task):
   # ----------------------------------------------------------------------------- loss
   def embed(self, params, ids, mask, rng=None, *, train=False):
     """[B, L] -> the contrastive representation [B, D] (MLP head applied if pooler == cls)."""
-    out = self.model.apply({"params": params["encoder"]}, ids, mask, deterministic=not train,
-                           rngs={"dropout": rng} if train else None)
     pooler = self.config.loss.pooler
+    # CLS poolers read position 0 of the last layer only: its other positions are not computed.
+    out = self.model.apply({"params": params["encoder"]}, ids, mask, deterministic=not train,
+                           rngs={"dropout": rng} if train else None, cls_only_last_layer=pooler != "avg")
     if pooler == "cls":
       return out["cl_output"]
     if pooler == "avg":
@@ -202,17 +203,24 @@ class BlairTask(Task):
 
   def mlm_loss(self, params, ids, mask, r_mask, r_drop) -> tuple[jax.Array, dict]:
     """Seed MLM on masked copies of `ids` (a second encoder pass, dropout on). The vocab head runs
-    only at the labelled positions (a static per-row cap, `loss.mlm_max_predictions`; -1 = every
-    position as the seed does): the same loss, without [B, L, vocab] logits. Labelled positions
-    beyond the cap (probability < 1e-7 per row with the auto cap) are left out of the loss and
-    counted in `mlm_overflow`."""
+    only at the labelled positions (a static cap per batch shard, `loss.mlm_max_predictions`; -1 =
+    every position as the seed does): the same loss, without [B, L, vocab] logits. Labelled
+    positions beyond the cap (probability < 1e-7 per shard with the auto cap) are left out of the
+    loss and counted in `mlm_overflow`."""
     c = self.config.loss
     mids, labels = self.mask_for_mlm(r_mask, ids)
-    cap = losses.mlm_prediction_cap(ids.shape[1], float(c.mlm_probability), int(c.mlm_max_predictions))
-    pos, sel, dropped = losses.select_mlm_positions(labels, cap)
+    # One selection group per batch shard: positions never cross devices.
+    groups = int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp") if a in self.mesh.shape]))
+    if ids.shape[0] % groups:
+      groups = ids.shape[0]
+    rows = ids.shape[0] // groups
+    cap = losses.mlm_prediction_cap(rows * ids.shape[1], float(c.mlm_probability),
+                                    int(c.mlm_max_predictions), rows=rows)
+    pos, sel, dropped = losses.select_mlm_positions(labels, cap, groups)
+    if cap >= rows * ids.shape[1]:  # every position: the seed's [B, L, V] head
+      pos, sel = None, labels
     out = self.model.apply({"params": params["encoder"]}, mids, mask, deterministic=False,
-                           rngs={"dropout": r_drop}, return_mlm_logits=True,
-                           mlm_positions=None if cap >= ids.shape[1] else pos)
+                           rngs={"dropout": r_drop}, return_mlm_logits=True, mlm_positions=pos)
     return losses.masked_lm_loss(out["mlm_logits"], sel), {"mlm_overflow": dropped.astype(jnp.float32)}
 
   def loss_fn(self, params, batch, rng, train: bool = True):
