@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import platform
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # pylint: disable=wrong-import-position
+
+from bench_common import machine_info, usable_cpus  # pylint: disable=wrong-import-position
 
 # jax is imported in main(), after --xla-flags has been put into XLA_FLAGS.
 jax = jnp = None
@@ -58,46 +59,6 @@ SIZES = {
                  text=dict(SMALL_TEXT, hidden_size=64, intermediate_size=128, num_attention_heads=2),
                  projection_dim=64),
 }
-
-
-def cpu_model() -> str:
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
-
-
-def machine_info(torch) -> dict:
-  try:
-    usable = len(os.sched_getaffinity(0))
-  except AttributeError:
-    usable = os.cpu_count()
-  import transformers  # pylint: disable=import-outside-toplevel
-  import flax  # pylint: disable=import-outside-toplevel
-  return {
-      "platform": platform.platform(),
-      "machine": platform.machine(),
-      "cpu": cpu_model(),
-      "cpu_count": os.cpu_count(),
-      "usable_cpus": usable,
-      "python": platform.python_version(),
-      "jax": jax.__version__,
-      "jaxlib": __import__("jaxlib").__version__,
-      "jax_backend": jax.default_backend(),
-      "jax_devices": ", ".join(str(d) for d in jax.devices()),
-      "flax": flax.__version__,
-      "torch": torch.__version__,
-      "transformers": transformers.__version__,
-      "torch_num_threads": torch.get_num_threads(),
-      "torch_num_interop_threads": torch.get_num_interop_threads(),
-      # XLA:CPU runs its intra-op (Eigen) pool with one thread per usable core unless XLA_FLAGS says otherwise.
-      "xla_cpu_threads": f"{usable} (one per usable core)",
-      "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
-      "load_average_at_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-  }
 
 
 def uptime_line() -> str:
@@ -161,7 +122,7 @@ def main(argv=None) -> int:
   transformers.utils.logging.disable_progress_bar()
   size = SIZES[args.size]
   vc = size["vision"]
-  info = machine_info(torch)
+  info = machine_info(torch, xla_cpu_threads=f"{usable_cpus()} (one per usable core)")
   print("== machine")
   for k, v in info.items():
     print(f"  {k}: {v}")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import tempfile
@@ -35,56 +34,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # pylint: disable=wrong-import-position
 
+from bench_common import ROBERTA_SIZES, machine_info, usable_cpus  # pylint: disable=wrong-import-position
+
 # jax is imported in main(), after --xla-flags has been put into XLA_FLAGS.
 jax = jnp = None
 
-SIZES = {
-    # transformers.RobertaConfig values of roberta-base.
-    "base": dict(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                 intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1,
-                 pad_token_id=1, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5),
-    # Same shape family, small enough for a seconds-long smoke run.
-    "tiny": dict(vocab_size=1000, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 intermediate_size=512, max_position_embeddings=514, type_vocab_size=1,
-                 pad_token_id=1, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5),
-}
-
-
-def cpu_model() -> str:
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
-
-
-def machine_info(torch) -> dict:
-  try:
-    usable = len(os.sched_getaffinity(0))
-  except AttributeError:
-    usable = os.cpu_count()
-  import transformers  # pylint: disable=import-outside-toplevel
-  import flax  # pylint: disable=import-outside-toplevel
-  return {
-      "platform": platform.platform(),
-      "machine": platform.machine(),
-      "cpu": cpu_model(),
-      "cpu_count": os.cpu_count(),
-      "usable_cpus": usable,
-      "python": platform.python_version(),
-      "jax": jax.__version__,
-      "jaxlib": __import__("jaxlib").__version__,
-      "jax_backend": jax.default_backend(),
-      "jax_devices": ", ".join(str(d) for d in jax.devices()),
-      "flax": flax.__version__,
-      "torch": torch.__version__,
-      "transformers": transformers.__version__,
-      "torch_num_threads": torch.get_num_threads(),
-      "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
-      "load_average_at_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-  }
+SIZES = ROBERTA_SIZES
 
 
 def make_inputs(cfg: dict, batch: int, seq_len: int, mask_kind: str, seed: int):
@@ -147,7 +102,7 @@ def main(argv=None) -> int:
   cfg = SIZES[args.size]
   if args.seq_len > cfg["max_position_embeddings"] - cfg["pad_token_id"] - 1:
     ap.error(f"--seq-len {args.seq_len} exceeds the position table")
-  info = machine_info(torch)
+  info = machine_info(torch, xla_cpu_threads=f"{usable_cpus()} (one per usable core)")
   print("== machine")
   for k, v in info.items():
     print(f"  {k}: {v}")

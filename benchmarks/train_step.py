@@ -28,10 +28,10 @@ samples/s = pairs per second. `--rounds R` repeats the JAX / PyTorch pair R time
 timed steps), so a change in machine load hits both. Process CPU seconds per step (all threads) are
 reported too: they are less sensitive to other load on a shared machine than wall time.
 
-XLA:CPU (jax 0.10) sends dots and reductions to YNNPACK by default. Its column reduction over
-[tokens, 50265] (the MLM bias gradient) is pathological here (~5 s of a ~40 s step; superlinear
-beyond ~6k columns), so `--xla-cpu tuned` (the default) sets TUNED_XLA_CPU_FLAGS; `--xla-cpu
-default` runs with XLA's defaults. Both are fp32 with the same math (kernel choice only).
+XLA:CPU (jax 0.10) sends dots and reductions to YNNPACK by default. `--xla-cpu tuned` runs the
+JAX worker with the flags that `python -m mmret_jax.main` applies on CPU (mmret_jax/xla_cpu.py:
+XLA's own reductions and Eigen dots), `default` with XLA's defaults, `both` (the default) one worker
+of each. All are fp32 with the same math (kernel choice only).
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import tempfile
@@ -50,23 +49,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # pylint: disable=wrong-import-position
 
-# XLA:CPU flags for `--xla-cpu tuned` (set in the JAX worker's environment before jax starts):
-#   -reduce:         reductions by XLA's own emitter instead of YNNPACK, whose column sum over
-#                    [tokens, vocab] (the 50265-wide MLM bias gradient) takes seconds here;
-#   -individual_dot: plain dots by XLA's Eigen runtime instead of YNNPACK (a few % faster here).
-TUNED_XLA_CPU_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-reduce,-individual_dot"
+# `--xla-cpu tuned`: the XLA:CPU flags that `python -m mmret_jax.main` applies by default
+# (mmret_jax/xla_cpu.py); `default` = XLA's own defaults.
+from bench_common import ROBERTA_SIZES, machine_info, rss_gb  # pylint: disable=wrong-import-position
+from mmret_jax.xla_cpu import TUNED_XLA_CPU_FLAGS  # pylint: disable=wrong-import-position
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-SIZES = {
-    # transformers.RobertaConfig values of roberta-base.
-    "base": dict(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                 intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1,
-                 pad_token_id=1, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5),
-    "tiny": dict(vocab_size=1000, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 intermediate_size=512, max_position_embeddings=514, type_vocab_size=1,
-                 pad_token_id=1, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5),
-}
+SIZES = ROBERTA_SIZES
 TEMP, MLM_WEIGHT, MLM_PROB, LR, CLIP, DROPOUT = 0.05, 0.1, 0.15, 5e-5, 1.0, 0.1
 TOKENIZER_TEXTS = [
     "Great kettle boils fast and the handle stays cool.",
@@ -74,55 +64,6 @@ TOKENIZER_TEXTS = [
     "Measure rinse and strain colander for the kitchen sink, dishwasher safe, dark blue.",
     "The phone case cracked after a week; would not buy again.",
 ]
-
-
-# ----------------------------------------------------------------------------- machine
-def cpu_model() -> str:
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
-
-
-def machine_info(torch, xla_flags: str) -> dict:
-  """Versions and host; the driver starts no JAX backend (a GPU one would take the worker's memory)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import flax  # pylint: disable=import-outside-toplevel
-  import optax  # pylint: disable=import-outside-toplevel
-  import transformers  # pylint: disable=import-outside-toplevel
-  try:
-    usable = len(os.sched_getaffinity(0))
-  except AttributeError:
-    usable = os.cpu_count()
-  return {
-      "platform": platform.platform(),
-      "cpu": cpu_model(),
-      "cpu_count": os.cpu_count(),
-      "usable_cpus": usable,
-      "python": platform.python_version(),
-      "jax": jax.__version__,
-      "jaxlib": __import__("jaxlib").__version__,
-      "flax": flax.__version__,
-      "optax": optax.__version__,
-      "torch": torch.__version__,
-      "transformers": transformers.__version__,
-      "torch_num_threads": torch.get_num_threads(),
-      "XLA_FLAGS (jax worker)": xla_flags,
-      "load_average_at_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-  }
-
-
-def rss_gb() -> str:
-  """Current / peak resident memory of this process (Linux)."""
-  try:
-    st = dict(l.split(":", 1) for l in pathlib.Path("/proc/self/status").read_text().splitlines() if ":" in l)
-    kb = lambda k: int(st[k].split()[0])
-    return f"rss {kb('VmRSS') / 2**20:.1f} GB (peak {kb('VmHWM') / 2**20:.1f} GB)"
-  except (OSError, KeyError, ValueError):
-    return "rss n/a"
 
 
 # ----------------------------------------------------------------------------- data
@@ -184,7 +125,7 @@ def build_jax(args, hf_dir: pathlib.Path, workdir: pathlib.Path, total_steps: in
   task = BlairTask(c, mesh, workdir)
   assert task.model_config.vocab_size == SIZES[args.size]["vocab_size"], task.model_config
   tx, _ = optim.make_optimizer(c.optim, total_steps)
-  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(int(c.seed)))
+  init_rng, train_rng = loop.init_and_train_keys(c)  # as train_and_evaluate
 
   def boxed_state():
     params = task.init_params(init_rng)
@@ -286,8 +227,9 @@ def jax_worker(args) -> dict:
   hf_dir = pathlib.Path(args.hf_dir)
   t0 = time.perf_counter()
   task, mesh, state, step_fn = build_jax(args, hf_dir, hf_dir.parent / f"work_{os.getpid()}")
+  build_s = time.perf_counter() - t0
   n_jax = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-  print(f"  [jax] BlairTask + state built in {time.perf_counter() - t0:.1f}s: {n_jax / 1e6:.1f} M params (incl. "
+  print(f"  [jax] BlairTask + state built in {build_s:.1f}s: {n_jax / 1e6:.1f} M params (incl. "
         f"mlp head); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; {jax.devices()[0]}", flush=True)
   batch = make_batch(SIZES[args.size], args.batch_size, args.seq_len, args.seed)
   gbatch = partitioning.make_global_batch(batch, mesh)
@@ -315,7 +257,7 @@ def jax_worker(args) -> dict:
         f"{float(m['cl_loss']):.4f}, mlm {float(m.get('mlm_loss', float('nan'))):.4f}), grad_norm {float(m['grad_norm']):.3f}; "
         f"{rss_gb()}", flush=True)
   out = {"jax": _steps(step, args.warmup, args.steps, "jax")}
-  out["jax"].update(compile_s=compile_s, flops=flops, temp_gb=temp, rss=rss_gb(),
+  out["jax"].update(compile_s=compile_s, build_s=build_s, flops=flops, temp_gb=temp, rss=rss_gb(),
                     loss0=float(m["loss"]), gpu=jax.default_backend() == "gpu",
                     peak=metrics_lib.peak_flops_per_device())
   return out
@@ -338,25 +280,32 @@ def torch_worker(args) -> dict:
   mask = torch.from_numpy(np.concatenate([batch["review_mask"], batch["meta_mask"]]).astype(np.int64)).to(dev)
   variants = {"torch": False}
   if gpu and args.dtype == "bfloat16":
-    variants["torch_amp_bf16"] = True
+    variants = {"torch_amp_bf16": True, "torch": False}  # AMP first: fp32 may not fit at large batch
   out = {}
   for name, amp in variants.items():
-    _, step = build_torch(torch, mlm, special, int(tok.mask_token_id), dev, amp, do_mlm=not args.no_mlm)
-    t0 = time.perf_counter()
-    loss, cl, ml = step(ids, mask)
-    print(f"  [{name}] first step {time.perf_counter() - t0:.2f}s: loss {loss.item():.4f} (cl {cl.item():.4f}, "
-          f"mlm {ml.item():.4f}); {rss_gb()}", flush=True)
-    out[name] = _steps(lambda step=step: step(ids, mask), args.warmup, args.steps, name)
-    out[name].update(rss=rss_gb(), loss0=loss.item())
+    try:
+      _, step = build_torch(torch, mlm, special, int(tok.mask_token_id), dev, amp, do_mlm=not args.no_mlm)
+      t0 = time.perf_counter()
+      loss, cl, ml = step(ids, mask)
+      print(f"  [{name}] first step {time.perf_counter() - t0:.2f}s: loss {loss.item():.4f} (cl {cl.item():.4f}, "
+            f"mlm {ml.item():.4f}); {rss_gb()}", flush=True)
+      out[name] = _steps(lambda step=step: step(ids, mask), args.warmup, args.steps, name)
+      out[name].update(rss=rss_gb(), loss0=loss.item())
+    except torch.OutOfMemoryError as e:  # reported, not fatal: the other variant still runs
+      print(f"  [{name}] out of device memory at batch {args.batch_size}: {str(e).splitlines()[0]}", flush=True)
+      out[name] = {"wall": [], "cpu": [], "rss": "OOM", "oom": True}
+    step = None
+    if gpu:
+      torch.cuda.empty_cache()
   return out
 
 
 # ----------------------------------------------------------------------------- driver
-def run_worker(side: str, args, hf_dir: pathlib.Path) -> dict:
+def run_worker(side: str, args, hf_dir: pathlib.Path, xla_tuned: bool = False) -> dict:
   import json  # pylint: disable=import-outside-toplevel
   import subprocess  # pylint: disable=import-outside-toplevel
   env = dict(os.environ)
-  if side == "jax" and args.xla_cpu == "tuned":
+  if xla_tuned:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + TUNED_XLA_CPU_FLAGS).strip()
   with tempfile.NamedTemporaryFile("r", suffix=".json", dir=hf_dir.parent) as res:
     cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--side", side, "--hf-dir", str(hf_dir),
@@ -366,7 +315,10 @@ def run_worker(side: str, args, hf_dir: pathlib.Path) -> dict:
     rc = subprocess.call(cmd, env=env)
     if rc:
       raise SystemExit(f"{side} worker failed with exit status {rc}")
-    return json.load(res)
+    out = json.load(res)
+  if side == "jax" and xla_tuned:
+    out = {"jax_tuned": out["jax"]}
+  return out
 
 
 def main(argv=None) -> int:
@@ -380,8 +332,9 @@ def main(argv=None) -> int:
   ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                   help="JAX compute dtype (config.model.dtype; params stay float32). bfloat16 is meant "
                        "for GPU; there PyTorch AMP (bf16 autocast) is timed too")
-  ap.add_argument("--xla-cpu", choices=("default", "tuned"), default="tuned",
-                  help="tuned: the JAX worker runs with TUNED_XLA_CPU_FLAGS appended to XLA_FLAGS")
+  ap.add_argument("--xla-cpu", choices=("default", "tuned", "both"), default="both",
+                  help="XLA:CPU flags of the JAX worker: default = XLA's defaults (the product as shipped), "
+                       "tuned = TUNED_XLA_CPU_FLAGS appended to XLA_FLAGS, both = one JAX worker of each")
   ap.add_argument("--skip-torch", action="store_true", help="time only the JAX step")
   ap.add_argument("--no-mlm", action="store_true",
                   help="diagnostic: contrastive loss only on both sides (no MLM forward / head)")
@@ -403,11 +356,14 @@ def main(argv=None) -> int:
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
   transformers.utils.logging.disable_progress_bar()
-  tuned = TUNED_XLA_CPU_FLAGS if args.xla_cpu == "tuned" else ""
-  info = machine_info(torch, (os.environ.get("XLA_FLAGS", "") + " " + tuned).strip())
+  base_flags = os.environ.get("XLA_FLAGS", "")
+  worker_flags = {"default": base_flags or "(none)", "tuned": f"{base_flags} {TUNED_XLA_CPU_FLAGS}".strip(),
+                  "both": f"jax: {base_flags or '(none)'}; jax_tuned: {base_flags} {TUNED_XLA_CPU_FLAGS}".strip()}
+  info = machine_info(torch, start_jax=False, **{"XLA_FLAGS (jax worker)": worker_flags[args.xla_cpu]})
   print("== machine")
   for k, v in info.items():
     print(f"  {k}: {v}")
+  print(f"  jax_default_prng_impl (JAX_DEFAULT_PRNG_IMPL): {os.environ.get('JAX_DEFAULT_PRNG_IMPL', '(default)')}")
   print(f"== setup: roberta ({args.size}), random weights; {args.batch_size} pairs x {args.seq_len} tokens "
         f"(review and meta), jax dtype={args.dtype}, dropout {DROPOUT}, "
         f"{'MLM OFF (diagnostic)' if args.no_mlm else f'MLM on (weight {MLM_WEIGHT})'}, "
@@ -416,6 +372,9 @@ def main(argv=None) -> int:
   hf_dir = pathlib.Path(tmp.name) / "hf"
   tmlm, _ = write_hf_dir(torch, transformers, cfg, hf_dir, args.seed)
   n_params = sum(p.numel() for p in tmlm.parameters())
+  emb = tmlm.roberta.embeddings
+  n_nonemb = n_params - sum(m.weight.numel() for m in (emb.word_embeddings, emb.position_embeddings,
+                                                       emb.token_type_embeddings))
   del tmlm
   batch = make_batch(cfg, args.batch_size, args.seq_len, args.seed)
   n_tok = int(sum(batch[f"{f}_mask"].sum() for f in ("review", "meta")))
@@ -425,39 +384,57 @@ def main(argv=None) -> int:
   res: dict[str, dict] = {}
   for r in range(args.rounds):
     print(f"== round {r + 1}/{args.rounds}", flush=True)
-    for side in ("jax",) + (() if args.skip_torch else ("torch",)):
-      for name, v in run_worker(side, args, hf_dir).items():
+    workers = {"default": [("jax", False)], "tuned": [("jax", True)],
+               "both": [("jax", False), ("jax", True)]}[args.xla_cpu]
+    for side, tuned in workers + ([] if args.skip_torch else [("torch", False)]):
+      for name, v in run_worker(side, args, hf_dir, tuned).items():
         if name not in res:
           res[name] = {**v, "wall": [], "cpu": []}
         res[name]["wall"] += v["wall"]
         res[name]["cpu"] += v["cpu"]
-        if name == "jax":
+        if name.startswith("jax"):
           res[name].setdefault("compile_all", []).append(v["compile_s"])
 
   print("== results (median seconds per step -> samples/s = pairs/s)")
   sps, cpu = {}, {}
-  for k, v in res.items():
+  for k, v in list(res.items()):
+    if not v["wall"]:
+      print(f"  {k:15s} out of device memory at this batch size")
+      del res[k]
+      continue
     med = statistics.median(v["wall"])
     sps[k], cpu[k] = args.batch_size / med, statistics.median(v["cpu"])
     print(f"  {k:15s} {med:8.3f} s/step  {sps[k]:8.3f} samples/s  {sps[k] * 2 * args.seq_len:8.1f} padded tok/s  "
           f"cpu {cpu[k]:.1f} s/step  (steps: {', '.join(f'{x:.2f}' for x in v['wall'])}; {v['rss']})")
-  j = res["jax"]
-  print(f"  jax compile time (excluded from timing): {', '.join(f'{c:.1f}s' for c in j['compile_all'])}")
-  if "torch" in sps:
-    dev = "cuda" if j["gpu"] else "cpu"
-    print(f"  ratio JAX[{args.dtype}]/PyTorch[float32 eager, {dev}] samples/s: {sps['jax'] / sps['torch']:.3f}  "
-          f"(by median CPU s/step: {cpu['torch'] / cpu['jax']:.3f})")
-  if "torch_amp_bf16" in sps:
-    print(f"  ratio JAX[{args.dtype}]/PyTorch[AMP bf16]: {sps['jax'] / sps['torch_amp_bf16']:.3f}")
-  if j["gpu"]:
-    med = statistics.median(j["wall"])
-    model_flops = 6 * n_params * 2 * args.batch_size * args.seq_len * 2  # 2 forwards of 2B sequences each
-    if j["peak"]:
-      print(f"  MFU (6*params*tokens, both forwards): {model_flops / med / j['peak']:.3f}"
-            + (f"; MFU (XLA cost analysis): {j['flops'] / med / j['peak']:.3f}" if j["flops"] else "")
-            + f"  [peak {j['peak'] / 1e12:.0f} TFLOP/s]")
-    else:
-      print("  MFU: unknown device peak")
+  for k in (k for k in res if k.startswith("jax")):
+    print(f"  {k} compile time (excluded from timing): {', '.join(f'{c:.1f}s' for c in res[k]['compile_all'])}")
+  gpu = any(v.get("gpu") for v in res.values())
+  for k in (k for k in res if k.startswith("jax")):
+    if "torch" in sps:
+      print(f"  ratio {k}[{args.dtype}] / PyTorch[float32 eager, {'cuda' if gpu else 'cpu'}] samples/s: "
+            f"{sps[k] / sps['torch']:.3f}  (by median CPU s/step: {cpu['torch'] / cpu[k]:.3f})")
+    if "torch_amp_bf16" in sps:
+      print(f"  ratio {k}[{args.dtype}] / PyTorch[AMP bf16]: {sps[k] / sps['torch_amp_bf16']:.3f}")
+    j = res[k]
+    if j["gpu"]:
+      med = statistics.median(j["wall"])
+      # Dense-model convention: 6 x non-embedding params x tokens, plus attention scores (12 x layers x
+      # seq x hidden per token), over both encoder passes (2 x 2B sequences); the MLM vocab head is not
+      # counted (our step runs it only at labelled positions). XLA's count is what the step executes.
+      tokens = 2 * (2 * args.batch_size * args.seq_len)
+      model_flops = tokens * (6 * n_nonemb + 12 * cfg["num_hidden_layers"] * args.seq_len * cfg["hidden_size"])
+      if j["peak"]:
+        print(f"  {k} MFU (6*N_nonemb*tokens + attention, both passes): {model_flops / med / j['peak']:.3f}"
+              + (f"; by XLA-counted FLOPs: {j['flops'] / med / j['peak']:.3f}" if j["flops"] else "")
+              + f"  [peak {j['peak'] / 1e12:.0f} TFLOP/s; achieved {(j['flops'] or model_flops) / med / 1e12:.0f} TFLOP/s]")
+      else:
+        print(f"  {k} MFU: unknown device peak")
+  peak = next((v.get("peak") for v in res.values() if v.get("peak")), None)
+  if gpu and peak:
+    tokens = 2 * (2 * args.batch_size * args.seq_len)
+    model_flops = tokens * (6 * n_nonemb + 12 * cfg["num_hidden_layers"] * args.seq_len * cfg["hidden_size"])
+    for k in (k for k in res if k.startswith("torch")):
+      print(f"  {k} MFU (same convention): {model_flops / statistics.median(res[k]['wall']) / peak:.3f}")
   print(f"  load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
   tmp.cleanup()
   return 0

@@ -21,6 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = ""
   c.seed = 0
+  c.init_rng_impl = "auto"   # auto | threefry2x32 | rbg: PRNG of the random init (auto: rbg on GPU)
   c.total_steps = 0          # > 0 wins over num_epochs
   c.num_epochs = 0.0
   c.batch_size = 32          # global, over all devices and hosts

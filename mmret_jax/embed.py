@@ -104,7 +104,8 @@ class Encoder:
     if self.is_clip:  # EOS-pooled, projected (HF get_text_features)
       emb = self.model.apply({"params": params}, ids, mask, method="get_text_features").astype(jnp.float32)
     else:
-      out = self.model.apply({"params": params}, ids, mask)
+      # CLS pooling reads position 0 of the last layer only: its other rows are not computed.
+      out = self.model.apply({"params": params}, ids, mask, cls_only_last_layer=pooling == "cls")
       emb = pool(out["last_hidden_state"], mask, pooling)
     return l2_normalize(emb) if normalize else emb
 

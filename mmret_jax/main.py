@@ -12,6 +12,10 @@ import sys
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from mmret_jax import xla_cpu  # pylint: disable=wrong-import-position
+
+xla_cpu.apply_cpu_defaults()  # before any JAX backend starts (mmret_jax/xla_cpu.py)
+
 from absl import app, flags, logging  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
 

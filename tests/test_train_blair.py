@@ -212,3 +212,35 @@ def test_meshes_match_single_device(tmp_path):
   assert out["dp4_fsdp2"]["q_spec"] == "P('fsdp', None)" and out["dp4_fsdp2"]["q_shard"] == [32, 64]
   assert out["dp2_tp4"]["q_spec"] == "P(None, 'tensor')" and out["dp2_tp4"]["q_shard"] == [64, 16]
   assert out["dp2_tp4"]["w_spec"] == "P(None, 'tensor')"
+
+
+def test_init_rng_impl(tmp_path):
+  """threefry keeps split(PRNGKey(seed)); rbg gives the init its own RngBitGenerator key (and a
+  different, finite init, trained as usual); the train RNG is the same either way; typos fail."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from mmret_jax.tasks.blair import BlairTask  # pylint: disable=import-outside-toplevel
+  from mmret_jax.train.partitioning import make_mesh  # pylint: disable=import-outside-toplevel
+  c = tiny_config(write_pairs(tmp_path / "pairs.tsv", n=40), init_rng_impl="threefry2x32")
+  init_t, train_t = loop.init_and_train_keys(c)
+  want_init, want_train = jax.random.split(jax.random.PRNGKey(int(c.seed)))
+  np.testing.assert_array_equal(init_t, want_init)
+  np.testing.assert_array_equal(train_t, want_train)
+  assert jax.default_backend() == "cpu"
+  c.init_rng_impl = "auto"  # threefry off GPU
+  np.testing.assert_array_equal(loop.init_and_train_keys(c)[0], want_init)
+  c.init_rng_impl = "rbg"
+  init_r, train_r = loop.init_and_train_keys(c)
+  assert jax.random.key_impl(init_r) == jax.random.key_impl(jax.random.key(0, impl="rbg"))
+  np.testing.assert_array_equal(train_r, want_train)
+  task = BlairTask(c, make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]), tmp_path / "w")
+  p_t = jax.tree.leaves(nn.unbox(jax.jit(task.init_params)(init_t)))
+  p_r = jax.tree.leaves(nn.unbox(jax.jit(task.init_params)(init_r)))
+  assert len(p_t) == len(p_r) > 0
+  assert all(np.isfinite(np.asarray(x)).all() for x in p_r)
+  big = [i for i, x in enumerate(p_t) if x.size > 1000 and float(np.std(np.asarray(x))) > 0]
+  assert big and all(not np.array_equal(np.asarray(p_t[i]), np.asarray(p_r[i])) for i in big)
+  for i in big:  # same initializer, other random bits: the same spread
+    np.testing.assert_allclose(np.std(np.asarray(p_r[i])), np.std(np.asarray(p_t[i])), rtol=0.1)
+  c.init_rng_impl = "philox"
+  with pytest.raises(ValueError, match="init_rng_impl"):
+    loop.init_and_train_keys(c)

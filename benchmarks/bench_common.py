@@ -1,0 +1,83 @@
+"""What every benchmark script prints about the machine, and the model sizes they share.
+
+Imported by the scripts in this folder (`python benchmarks/NAME.py` puts the folder on sys.path).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import platform
+
+# transformers.RobertaConfig values of roberta-base, and a seconds-long smoke size of the same family.
+ROBERTA_SIZES = {
+    "base": dict(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1,
+                 pad_token_id=1, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5),
+    "tiny": dict(vocab_size=1000, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=512, max_position_embeddings=514, type_vocab_size=1,
+                 pad_token_id=1, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5),
+}
+
+
+def cpu_model() -> str:
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
+def usable_cpus() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:
+    return os.cpu_count() or 1
+
+
+def load_average() -> str:
+  return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def machine_info(torch, *, start_jax: bool = True, **extra) -> dict:
+  """Host, versions and thread counts. `start_jax=False` leaves the JAX backend alone (a driver
+  process must not take a GPU's memory from its workers); `extra` entries are appended."""
+  import flax  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  info = {
+      "platform": platform.platform(),
+      "machine": platform.machine(),
+      "cpu": cpu_model(),
+      "cpu_count": os.cpu_count(),
+      "usable_cpus": usable_cpus(),
+      "python": platform.python_version(),
+      "jax": jax.__version__,
+      "jaxlib": __import__("jaxlib").__version__,
+      "flax": flax.__version__,
+      "optax": optax.__version__,
+      "torch": torch.__version__,
+      "transformers": transformers.__version__,
+      "torch_num_threads": torch.get_num_threads(),
+      "torch_num_interop_threads": torch.get_num_interop_threads(),
+  }
+  if start_jax:
+    info["jax_backend"] = jax.default_backend()
+    info["jax_devices"] = ", ".join(str(d) for d in jax.devices())
+  info.update(extra)
+  info.setdefault("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+  info["load_average_at_start"] = load_average()
+  return info
+
+
+def rss_gb() -> str:
+  """Current / peak resident memory of this process (Linux)."""
+  try:
+    st = dict(l.split(":", 1) for l in pathlib.Path("/proc/self/status").read_text().splitlines() if ":" in l)
+    kb = lambda k: int(st[k].split()[0])
+    return f"rss {kb('VmRSS') / 2**20:.1f} GB (peak {kb('VmHWM') / 2**20:.1f} GB)"
+  except (OSError, KeyError, ValueError):
+    return "rss n/a"
