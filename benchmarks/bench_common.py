@@ -81,3 +81,20 @@ def rss_gb() -> str:
     return f"rss {kb('VmRSS') / 2**20:.1f} GB (peak {kb('VmHWM') / 2**20:.1f} GB)"
   except (OSError, KeyError, ValueError):
     return "rss n/a"
+
+
+def add_xla_flags_arg(ap) -> None:
+  ap.add_argument("--xla-flags", default="",
+                  help="extra XLA_FLAGS for the JAX side (default: none, i.e. XLA's defaults)")
+
+
+def apply_xla_flags(extra: str) -> None:
+  """Appends `extra` to XLA_FLAGS; call before JAX starts a backend."""
+  if extra:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + extra).strip()
+
+
+def print_machine(info: dict) -> None:
+  print("== machine")
+  for k, v in info.items():
+    print(f"  {k}: {v}")

@@ -34,7 +34,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # pylint: disable=wrong-import-position
 
-from bench_common import ROBERTA_SIZES, machine_info, usable_cpus  # pylint: disable=wrong-import-position
+from bench_common import (ROBERTA_SIZES, add_xla_flags_arg, apply_xla_flags, machine_info,  # pylint: disable=wrong-import-position
+                          print_machine, usable_cpus)
 
 # jax is imported in main(), after --xla-flags has been put into XLA_FLAGS.
 jax = jnp = None
@@ -83,11 +84,9 @@ def main(argv=None) -> int:
   ap.add_argument("--mask", choices=("none", "ragged"), default="none",
                   help="none: every token real; ragged: random lengths padded to --seq-len")
   ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--xla-flags", default="",
-                  help="extra XLA_FLAGS for the JAX side (default: none, i.e. what the product runs with)")
+  add_xla_flags_arg(ap)
   args = ap.parse_args(argv)
-  if args.xla_flags:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
+  apply_xla_flags(args.xla_flags)
 
   global jax, jnp  # pylint: disable=global-statement
   import jax  # pylint: disable=import-outside-toplevel,redefined-outer-name
@@ -102,10 +101,7 @@ def main(argv=None) -> int:
   cfg = SIZES[args.size]
   if args.seq_len > cfg["max_position_embeddings"] - cfg["pad_token_id"] - 1:
     ap.error(f"--seq-len {args.seq_len} exceeds the position table")
-  info = machine_info(torch, xla_cpu_threads=f"{usable_cpus()} (one per usable core)")
-  print("== machine")
-  for k, v in info.items():
-    print(f"  {k}: {v}")
+  print_machine(machine_info(torch, xla_cpu_threads=f"{usable_cpus()} (one per usable core)"))
   gpu = jax.default_backend() == "gpu"
   tdev = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
 

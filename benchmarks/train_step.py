@@ -51,7 +51,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 # `--xla-cpu tuned`: the XLA:CPU flags that `python -m mmret_jax.main` applies by default
 # (mmret_jax/xla_cpu.py); `default` = XLA's own defaults.
-from bench_common import ROBERTA_SIZES, machine_info, rss_gb  # pylint: disable=wrong-import-position
+from bench_common import ROBERTA_SIZES, machine_info, print_machine, rss_gb  # pylint: disable=wrong-import-position
 from mmret_jax.xla_cpu import TUNED_XLA_CPU_FLAGS  # pylint: disable=wrong-import-position
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -360,9 +360,7 @@ def main(argv=None) -> int:
   worker_flags = {"default": base_flags or "(none)", "tuned": f"{base_flags} {TUNED_XLA_CPU_FLAGS}".strip(),
                   "both": f"jax: {base_flags or '(none)'}; jax_tuned: {base_flags} {TUNED_XLA_CPU_FLAGS}".strip()}
   info = machine_info(torch, start_jax=False, **{"XLA_FLAGS (jax worker)": worker_flags[args.xla_cpu]})
-  print("== machine")
-  for k, v in info.items():
-    print(f"  {k}: {v}")
+  print_machine(info)
   print(f"  jax_default_prng_impl (JAX_DEFAULT_PRNG_IMPL): {os.environ.get('JAX_DEFAULT_PRNG_IMPL', '(default)')}")
   print(f"== setup: roberta ({args.size}), random weights; {args.batch_size} pairs x {args.seq_len} tokens "
         f"(review and meta), jax dtype={args.dtype}, dropout {DROPOUT}, "
