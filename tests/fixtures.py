@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import pathlib
 
+import numpy as np
+
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 CORPUS = [
@@ -118,3 +120,33 @@ def make_clip_dir(path: str | os.PathLike, *, image_size: int = 32, patch_size: 
   proc = proc_cls(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
   proc.save_pretrained(path)
   return model, tok, proc
+
+
+def flat_params(tree, prefix=()) -> dict:
+  """Nested param dict -> {"a/b/c": np.ndarray}."""
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(flat_params(v, prefix + (k,)))
+    return out
+  return {"/".join(prefix): np.asarray(tree)}
+
+
+def assert_params_equal(a, b) -> None:
+  """Same keys, float32 everywhere, bitwise equal values."""
+  fa, fb = flat_params(a), flat_params(b)
+  assert sorted(fa) == sorted(fb)
+  for k in fa:
+    assert fa[k].dtype == fb[k].dtype == np.float32, k
+    np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+
+
+def override(config, over: dict):
+  """Sets dotted keys ("optim.learning_rate") of an ml_collections config; returns it."""
+  for k, v in over.items():
+    node = config
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return config

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from fixtures import CORPUS  # noqa: E402
+from fixtures import CORPUS, assert_params_equal  # noqa: E402
 from mmret_jax import convert  # noqa: E402
 from mmret_jax.convert.__main__ import main  # noqa: E402
 
@@ -129,21 +129,6 @@ def openai_src(tmp_path_factory):
   return path, tmodel, pth
 
 
-def _flat(tree, prefix=()):
-  if isinstance(tree, dict):
-    out = {}
-    for k, v in tree.items():
-      out.update(_flat(v, prefix + (k,)))
-    return out
-  return {"/".join(prefix): np.asarray(tree)}
-
-
-def _assert_params_equal(a, b):
-  fa, fb = _flat(a), _flat(b)
-  assert sorted(fa) == sorted(fb)
-  for k in fa:
-    assert fa[k].dtype == fb[k].dtype == np.float32, k
-    np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
 
 
 def _features(model, params, ids, mask, images):
@@ -184,7 +169,7 @@ def test_hf_round_trip_through_cli_is_bitwise_and_copies_tokenizer_and_processor
   meta, cfg, params, on_the_fly = convert.load_any(mid)
   assert meta["family"] == "clip" and not on_the_fly
   assert cfg == json.loads((src / "config.json").read_text())
-  _assert_params_equal(params, convert.convert_in_memory(src)[2])
+  assert_params_equal(params, convert.convert_in_memory(src)[2])
   # conv patch kernel stored HWIO; torch linear weights transposed
   assert params["vision_model"]["embeddings"]["patch_embedding"]["kernel"].shape == (8, 8, 3, 48)
   assert params["text_projection"]["kernel"].shape == (40, 24)
@@ -238,7 +223,7 @@ def test_openai_state_dict_converts_to_the_hf_params(openai_src, tmp_path, capsy
   meta, cfg, params, _ = convert.load_any(dst)
   hf_meta, hf_cfg, hf_params = convert.convert_in_memory(hf_dir)
   assert meta["family"] == hf_meta["family"] == "clip"
-  _assert_params_equal(params, hf_params)  # bit for bit
+  assert_params_equal(params, hf_params)  # bit for bit
   # the inferred config is the HF one (heads = width // 64, legacy eos id 2, image = patch * grid)
   model, hf_model = convert.build_model(meta, cfg), convert.build_model(hf_meta, hf_cfg)
   assert model.config == hf_model.config
@@ -248,7 +233,7 @@ def test_openai_state_dict_converts_to_the_hf_params(openai_src, tmp_path, capsy
   assert model.config.text.eos_token_id == 2 and model.config.projection_dim == 24
   assert float(params["logit_scale"]) == pytest.approx(4.6052)
   # ... the in-memory API agrees
-  _assert_params_equal(convert.convert_in_memory(pth, family="openai-clip")[2], hf_params)
+  assert_params_equal(convert.convert_in_memory(pth, family="openai-clip")[2], hf_params)
 
   # features = torch's (legacy argmax pooling: the EOT is the largest id, as in OpenAI's vocab)
   rng = np.random.default_rng(1)
@@ -290,7 +275,7 @@ def test_legacy_config_dict_fields_win(openai_src, tmp_path):
       "quick_gelu", 2, 2)
   meta, new_cfg, params = convert.convert_in_memory(old)
   ref_meta, ref_cfg, ref_params = convert.convert_in_memory(hf_dir)
-  _assert_params_equal(params, ref_params)
+  assert_params_equal(params, ref_params)
   assert convert.build_model(meta, new_cfg).config == convert.build_model(ref_meta, ref_cfg).config
 
 
@@ -299,7 +284,7 @@ def test_openai_without_jit_scalars(openai_src, tmp_path):
   hf_dir, tmodel, _ = openai_src
   pth = tmp_path / "nojit.pth"
   torch.save(hf_to_openai(tmodel.state_dict(), jit_scalars=False), pth)
-  _assert_params_equal(convert.convert_in_memory(pth, family="openai-clip")[2], convert.convert_in_memory(hf_dir)[2])
+  assert_params_equal(convert.convert_in_memory(pth, family="openai-clip")[2], convert.convert_in_memory(hf_dir)[2])
 
 
 # ----------------------------------------------------------------------------- (c) errors

@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from fixtures import CORPUS, make_hf_dir  # noqa: E402
+from fixtures import CORPUS, assert_params_equal, make_hf_dir  # noqa: E402
 from mmret_jax import convert  # noqa: E402
 from mmret_jax.convert.__main__ import main  # noqa: E402
 
@@ -49,21 +49,6 @@ def hf_src(tmp_path_factory):
 
 # ----------------------------------------------------------------------------- helpers
 
-def _flat(tree, prefix=()):
-  if isinstance(tree, dict):
-    out = {}
-    for k, v in tree.items():
-      out.update(_flat(v, prefix + (k,)))
-    return out
-  return {"/".join(prefix): np.asarray(tree)}
-
-
-def _assert_params_equal(a, b):
-  fa, fb = _flat(a), _flat(b)
-  assert sorted(fa) == sorted(fb)
-  for k in fa:
-    assert fa[k].dtype == fb[k].dtype == np.float32, k
-    np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
 
 
 def _numpy_sd(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -121,7 +106,7 @@ def test_cli_round_trip_hf_to_ours_to_hf_is_bitwise(hf_src, tmp_path, capsys, na
   meta2, cfg2, params2, on_the_fly = convert.load_any(mid)
   assert not on_the_fly and cfg2 == _config(src)
   _, _, params_mem = convert.convert_in_memory(src)
-  _assert_params_equal(params2, params_mem)
+  assert_params_equal(params2, params_mem)
 
   assert main(["to-hf", str(mid), str(dst)]) == 0
   assert "wrote" in capsys.readouterr().out
@@ -157,7 +142,7 @@ def test_python_m_cli_subprocess(hf_src, tmp_path):
   assert "converted" in proc.stdout and "family=bert" in proc.stdout
   _, _, params, on_the_fly = convert.load_any(dst)
   assert not on_the_fly
-  _assert_params_equal(params, convert.convert_in_memory(src)[2])
+  assert_params_equal(params, convert.convert_in_memory(src)[2])
 
 
 def test_converted_params_run_like_torch(hf_src, tmp_path):
@@ -191,7 +176,7 @@ def test_bin_pth_and_bare_safetensors_match_safetensors_dir(hf_src, tmp_path, ca
   assert not (bin_dir / "model.safetensors").exists()
   meta, cfg, params = convert.convert_in_memory(bin_dir)
   assert meta == meta_ref and cfg == cfg_ref
-  _assert_params_equal(params, params_ref)
+  assert_params_equal(params, params_ref)
 
   # bare .pth (+ a {"state_dict": ...} wrapper) and bare .safetensors, with --config as a file or a dir
   pth = tmp_path / "weights.pth"
@@ -203,14 +188,14 @@ def test_bin_pth_and_bare_safetensors_match_safetensors_dir(hf_src, tmp_path, ca
   for f, config in ((pth, src / "config.json"), (wrapped, src), (bare_st, src / "config.json")):
     meta, _, params = convert.convert_in_memory(f, config=config)
     assert meta == meta_ref, f
-    _assert_params_equal(params, params_ref)
+    assert_params_equal(params, params_ref)
 
   # the CLI with --config; tokenizer files come from the config's dir
   out = tmp_path / "from_pth"
   assert main(["to-jax", str(pth), str(out), "--config", str(src / "config.json")]) == 0
   capsys.readouterr()
   assert (out / "tokenizer.json").exists()
-  _assert_params_equal(convert.load_any(out)[2], params_ref)
+  assert_params_equal(convert.load_any(out)[2], params_ref)
 
   # a bare state dict without --config is refused with a hint
   with pytest.raises(convert.ConversionError, match="--config"):
@@ -273,7 +258,7 @@ def test_blair_style_checkpoint_converts_and_round_trips(hf_src, tmp_path, capsy
   # ... and converts again to the same params
   meta3, _, params3 = convert.convert_in_memory(dst)
   assert meta3 == {"family": "bert", **{k: meta[k] for k in ("hf_prefix", "pooler", "mlm", "cl")}}
-  _assert_params_equal(params3, params)
+  assert_params_equal(params3, params)
 
 
 # ----------------------------------------------------------------------------- (d) errors
@@ -388,7 +373,7 @@ def test_position_ids_buffers_are_ignored(hf_src, tmp_path):
   _, _, ref = convert.convert_in_memory(src)
   sd["embeddings.position_ids"] = np.arange(cfg["max_position_embeddings"], dtype=np.int64)[None]
   _, _, params = convert.convert_in_memory(_write_hf_dir(tmp_path / "buf", sd, cfg))
-  _assert_params_equal(params, ref)
+  assert_params_equal(params, ref)
   # ... but only position_ids: another stray buffer is still an error
   sd["embeddings.some_buffer"] = np.zeros((1, 3), np.int64)
   with pytest.raises(convert.ConversionError, match="embeddings.some_buffer"):
@@ -457,7 +442,7 @@ def test_non_empty_dst_is_refused_without_overwrite(hf_src, tmp_path, capsys):
   empty.mkdir()
   assert main(["to-jax", str(src), str(empty)]) == 0
   assert main(["to-jax", str(src), str(dst), "--overwrite"]) == 0
-  _assert_params_equal(convert.load_any(dst)[2], convert.load_any(empty)[2])
+  assert_params_equal(convert.load_any(dst)[2], convert.load_any(empty)[2])
 
   # to-hf refuses too
   hf_dst = tmp_path / "hf"

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from mmret_jax.train import loop
+from fixtures import override
 from mmret_jax.train.metrics import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -51,13 +52,7 @@ def tiny_config(train_file, **over):
   c.eval_every = -1
   c.checkpoint_every = 3
   c.checkpoint["async"] = False
-  for k, v in over.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return override(c, over)
 
 
 def losses_of(workdir):

@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 import PIL.Image  # noqa: E402
 import pytest  # noqa: E402
 
+from fixtures import override  # noqa: E402
 from mmret_jax.data import image as image_lib  # noqa: E402
 from mmret_jax.tasks.blair_clip import BlairClipTask, _TokenizeKeepImage  # noqa: E402
 from mmret_jax.train import loop  # noqa: E402
@@ -96,13 +97,7 @@ def tiny_config(train_file, **over):
   c.checkpoint_every = 100
   c.checkpoint["async"] = False
   c.optim.warmup_steps = 0
-  for k, v in over.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return override(c, over)
 
 
 def losses_of(workdir):
