@@ -33,6 +33,7 @@ from mmret_jax.data.sources.amazon_reviews import PairsSource, split_pairs
 from mmret_jax.embed import pool as embed_pool
 from mmret_jax.models import bert
 from mmret_jax.tasks.base import Task
+from mmret_jax.train import partitioning
 
 
 # Seed `Pooler`: cls = MLP(tanh) on CLS (train only), cls_before_pooler = raw CLS, avg = masked mean.
@@ -210,15 +211,16 @@ class BlairTask(Task):
     c = self.config.loss
     mids, labels = self.mask_for_mlm(r_mask, ids)
     # One selection group per batch shard: positions never cross devices.
-    groups = int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp") if a in self.mesh.shape]))
+    groups = partitioning.data_parallel_size(self.mesh)
     if ids.shape[0] % groups:
       groups = ids.shape[0]
     rows = ids.shape[0] // groups
     cap = losses.mlm_prediction_cap(rows * ids.shape[1], float(c.mlm_probability),
                                     int(c.mlm_max_predictions), rows=rows)
-    pos, sel, dropped = losses.select_mlm_positions(labels, cap, groups)
     if cap >= rows * ids.shape[1]:  # every position: the seed's [B, L, V] head
-      pos, sel = None, labels
+      pos, sel, dropped = None, labels, jnp.zeros((), jnp.int32)
+    else:
+      pos, sel, dropped = losses.select_mlm_positions(labels, cap, groups)
     out = self.model.apply({"params": params["encoder"]}, mids, mask, deterministic=False,
                            rngs={"dropout": r_drop}, return_mlm_logits=True, mlm_positions=pos)
     return losses.masked_lm_loss(out["mlm_logits"], sel), {"mlm_overflow": dropped.astype(jnp.float32)}
