@@ -12,6 +12,8 @@ fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/nvidia_smi.txt"
 python3 -c "import jax, flax, optax, torch, transformers, grain, ml_collections; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+# The fused attention kernel through Triton: agreement with XLA attention (bf16) and its speed.
+python3 benchmarks/fused_attention.py 2>&1 | tee "$OUT/fused_attention.log"
 for spec in ${GPU_SHAPES:-384x64 32x64}; do  # pairs x tokens
   b=${spec%x*} l=${spec#*x}
   python3 benchmarks/train_step.py --dtype bfloat16 --batch-size "$b" --seq-len "$l" --steps "${STEPS:-20}" \

@@ -98,7 +98,9 @@ def write_hf_dir(torch, transformers, cfg: dict, path: pathlib.Path, seed: int):
 
 
 # ----------------------------------------------------------------------------- JAX (product path)
-def build_jax(args, hf_dir: pathlib.Path, workdir: pathlib.Path, total_steps: int = 10_000):
+def build_jax(args, hf_dir: pathlib.Path, workdir: pathlib.Path, total_steps: int = 10_000,
+              overrides: dict | None = None):
+  """The product's jitted step on a 1-device mesh; `overrides` = {dotted config key: value}."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
@@ -121,6 +123,12 @@ def build_jax(args, hf_dir: pathlib.Path, workdir: pathlib.Path, total_steps: in
     c.optim.learning_rate, c.optim.weight_decay, c.optim.grad_clip_norm = LR, 0.0, CLIP
     c.batch_size = args.batch_size
     c.total_steps = total_steps
+    for key, value in (overrides or {}).items():
+      *parents, leaf = key.split(".")
+      node = c
+      for part in parents:
+        node = node[part]
+      node[leaf] = value
   mesh = partitioning.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   task = BlairTask(c, mesh, workdir)
   assert task.model_config.vocab_size == SIZES[args.size]["vocab_size"], task.model_config

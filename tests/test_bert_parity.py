@@ -225,6 +225,21 @@ def test_bf16_compute_close_to_torch_fp32(hf_dirs, case):
   assert _maxdiff(out["last_hidden_state"], ref.last_hidden_state) > 1e-4
 
 
+@pytest.mark.parametrize("impl", ["auto", "fused_interpret"])
+def test_bf16_fused_attention_close_to_torch_fp32(hf_dirs, impl):
+  """Lengths and head size the fused kernel takes (32 tokens, head dim 16): "auto" is the Triton
+  kernel on a GPU and XLA on CPU; "fused_interpret" is the kernel in the Pallas interpreter."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  path, tmodel, _ = hf_dirs("roberta-h48-3heads-3layers")
+  cfg = tmodel.config
+  model, params, _ = _load(path, dtype=jnp.bfloat16)
+  model = model.clone(config=dataclasses.replace(model.config, attention_impl=impl))
+  inputs = _inputs("roberta", cfg.vocab_size, cfg.pad_token_id, lengths=(32, 20, 9))
+  ref = _torch_run(tmodel, inputs).last_hidden_state
+  out = _ours_run(model, params, inputs)["last_hidden_state"]
+  assert _maxdiff(out, ref) / float(np.abs(ref.numpy()).max()) <= BF16_REL_TOL
+
+
 def test_bf16_mlm_logits_close_to_torch_fp32(hf_dirs):
   path, tmodel, _ = hf_dirs("roberta-h32", head="mlm")
   cfg = tmodel.config

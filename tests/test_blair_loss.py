@@ -211,6 +211,21 @@ def _compare(setup, symmetric=False, learnable_temp=False, check_grads=False) ->
         "lm_head/dense/kernel": (grads["encoder"]["lm_head"]["dense"]["kernel"],
                                  model.lm_head.dense.weight.grad.T),
     }
+    # Inside the encoder: the custom GELU gradient (layers.bias_gelu), the fused q/k/v matmul
+    # (layers.fused_projections) and the word embeddings (lookup + tied MLM decoder).
+    enc, layer = grads["encoder"]["encoder"]["layer_0"], model.roberta.encoder.layer[0]
+    pairs.update({
+        "layer_0/intermediate/dense/kernel": (enc["intermediate"]["dense"]["kernel"],
+                                              layer.intermediate.dense.weight.grad.T),
+        "layer_0/intermediate/dense/bias": (enc["intermediate"]["dense"]["bias"],
+                                            layer.intermediate.dense.bias.grad),
+        "layer_0/attention/self/query/kernel": (enc["attention"]["self"]["query"]["kernel"],
+                                                layer.attention.self.query.weight.grad.T),
+        "layer_0/attention/self/value/bias": (enc["attention"]["self"]["value"]["bias"],
+                                              layer.attention.self.value.bias.grad),
+        "embeddings/word_embeddings": (grads["encoder"]["embeddings"]["word_embeddings"]["embedding"],
+                                       model.roberta.embeddings.word_embeddings.weight.grad),
+    })
     for name, (ours, theirs) in pairs.items():
       ours, theirs = np.asarray(ours), theirs.numpy()
       scale = np.abs(theirs).max()

@@ -47,6 +47,8 @@ class BertConfig:
   is_decoder: bool = False  # causal self-attention (BLIP text decoder / HF decoder mode)
   add_cross_attention: bool = False
   encoder_width: int | None = None  # width of cross-attended states (BLIP); None = hidden_size
+  # Not a model property (never exported): the attention kernel, see layers.dot_product_attention.
+  attention_impl: str = "auto"
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "BertConfig":
@@ -62,7 +64,10 @@ class BertConfig:
     return cls(**kw)
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    """HF config fields (the runtime-only `attention_impl` left out)."""
+    d = dataclasses.asdict(self)
+    d.pop("attention_impl")
+    return d
 
   @property
   def is_roberta(self) -> bool:
@@ -111,7 +116,7 @@ class BertEmbeddings(nn.Module):
     self.token_type_embeddings = emb(c.type_vocab_size, (None, "embed"))
     self.position_embeddings = emb(c.max_position_embeddings, (None, "embed"))
     self.LayerNorm = layers.LayerNorm(c.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
-    self.dropout = nn.Dropout(c.hidden_dropout_prob)
+    self.dropout = layers.Dropout(c.hidden_dropout_prob)
 
   def __call__(self, input_ids, token_type_ids, position_ids, deterministic=True):
     """[B, L] ids -> [B, L, D]."""
@@ -120,8 +125,8 @@ class BertEmbeddings(nn.Module):
     return self.dropout(self.LayerNorm(h), deterministic=deterministic)
 
   def attend(self, h: Array) -> Array:
-    """[B, L, D] -> [B, L, V] against the word table (tied MLM decoder)."""
-    return self.word_embeddings.attend(h.astype(self.dtype))
+    """[B, L, D] -> float32 [B, L, V] against the word table (tied MLM decoder), in `dtype`."""
+    return self.word_embeddings.attend(h, self.dtype)
 
 
 class BertAttentionBlock(nn.Module):
@@ -134,8 +139,8 @@ class BertAttentionBlock(nn.Module):
   def __call__(self, x, kv, mask, deterministic=True):
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, init_std=c.initializer_range)
-    ctx = layers.Attention(c.num_attention_heads, c.hidden_size,
-                           dropout_rate=c.attention_probs_dropout_prob, name="self", **kw)(
+    ctx = layers.Attention(c.num_attention_heads, c.hidden_size, dropout_rate=c.attention_probs_dropout_prob,
+                           implementation=c.attention_impl, name="self", **kw)(
                                x, kv, mask, deterministic)
     return layers.ResidualPostLN(c.hidden_size, epsilon=c.layer_norm_eps,
                                  dropout_rate=c.hidden_dropout_prob, name="output", **kw)(
@@ -193,7 +198,7 @@ class MlmHead(nn.Module):
       h = _BertTransform(c, name="transform", **kw)(h)
     bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vocab",)),
                       (c.vocab_size,), self.param_dtype)
-    return embeddings.attend(h).astype(jnp.float32) + bias
+    return embeddings.attend(h) + bias
 
 
 class _BertTransform(nn.Module):

@@ -15,6 +15,7 @@ Logical axis names: `batch`, `length`, `embed`, `mlp`, `heads`, `kv`, `vocab`;
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import einops
@@ -39,9 +40,19 @@ def _act_quick_gelu(x):
   return x * jax.nn.sigmoid(1.702 * x)
 
 
+def gelu_erf(x: Array) -> Array:
+  """HF / PyTorch "gelu": 0.5 x (1 + erf(x / sqrt 2)), evaluated in float32.
+
+  The erf form is PyTorch's own; `jax.nn.gelu(approximate=False)` evaluates erfc instead, which
+  XLA expands into two rational approximations, an exp and two divisions per element (the costliest
+  element-wise op of the CPU train step)."""
+  xf = x.astype(jnp.float32)
+  return (0.5 * xf * (1.0 + jax.lax.erf(xf * 0.7071067811865476))).astype(x.dtype)
+
+
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     # HF "gelu" is the exact erf form.
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": gelu_erf,
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
@@ -82,16 +93,57 @@ class Dense(nn.Module):
   init_std: float = DEFAULT_INIT_STD
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, *, weights_only: bool = False):
+    """x @ kernel + bias; `weights_only`: (kernel, bias or None) cast to `dtype`, for callers that
+    fuse several projections of one input into one matmul or fold the bias into the activation."""
     init = nn.initializers.normal(self.init_std)
     kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes),
-                        (x.shape[-1], self.features), self.param_dtype)
-    y = jnp.einsum("...d,df->...f", x.astype(self.dtype), kernel.astype(self.dtype))
+                        (x.shape[-1], self.features), self.param_dtype).astype(self.dtype)
+    bias = None
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axes[1],)),
-                        (self.features,), self.param_dtype)
-      y = y + bias.astype(self.dtype)
-    return y
+                        (self.features,), self.param_dtype).astype(self.dtype)
+    if weights_only:
+      return kernel, bias
+    y = jnp.einsum("...d,df->...f", x.astype(self.dtype), kernel)
+    return y if bias is None else y + bias
+
+
+@jax.custom_vjp
+def bias_gelu(y: Array, b: Array) -> Array:
+  """Exact (erf) GELU of `y + b`, b [F] broadcast over y [..., F].
+
+  Same values as `gelu_erf(y + b)`; the custom gradient keeps only `y` and `b`
+  for the backward pass and recomputes erf there. Autodiff of the composition keeps `y + b`, half
+  of `y + b` and the erf term (three activation-sized tensors): at BERT's MLP width these saves and
+  their re-reads were the largest element-wise cost of the GPU train step (benchmarks/RESULTS.md).
+  """
+  return gelu_erf(y + b)
+
+
+def _bias_gelu_fwd(y, b):
+  return bias_gelu(y, b), (y, b)
+
+
+def _bias_gelu_bwd(res, g):
+  y, b = res
+  z = (y + b).astype(jnp.float32)
+  cdf = 0.5 * (1.0 + jax.lax.erf(z * 0.7071067811865476))
+  pdf = jnp.exp(-0.5 * z * z) * 0.3989422804014327  # 1 / sqrt(2 pi)
+  dz = g.astype(jnp.float32) * (cdf + z * pdf)
+  db = dz.reshape(-1, dz.shape[-1]).sum(0)
+  return dz.astype(y.dtype), db.astype(b.dtype)
+
+
+bias_gelu.defvjp(_bias_gelu_fwd, _bias_gelu_bwd)
+
+
+def dense_act(dense: "Dense", x: Array, activation: str) -> Array:
+  """activation(dense(x)); exact GELU after a biased dense goes through `bias_gelu`."""
+  if activation == "gelu" and dense.use_bias:
+    kernel, bias = dense(x, weights_only=True)
+    return bias_gelu(jnp.einsum("...d,df->...f", x.astype(dense.dtype), kernel), bias)
+  return get_activation(activation)(dense(x))
 
 
 class LayerNorm(nn.Module):
@@ -107,12 +159,45 @@ class LayerNorm(nn.Module):
                        (d,), self.param_dtype)
     bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
                       (d,), self.param_dtype)
-    xf = x.astype(jnp.float32)
-    mean = xf.mean(-1, keepdims=True)
-    var = jnp.square(xf - mean).mean(-1, keepdims=True)
-    y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
-    y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-    return y.astype(self.dtype)
+    return layer_norm(x, scale, bias, float(self.epsilon), jnp.dtype(self.dtype))
+
+
+def _layer_norm_stats(x: Array, epsilon: float) -> tuple[Array, Array, Array]:
+  xf = x.astype(jnp.float32)
+  mean = xf.mean(-1, keepdims=True)
+  rstd = jax.lax.rsqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + epsilon)
+  return (xf - mean) * rstd, mean, rstd
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def layer_norm(x: Array, scale: Array, bias: Array, epsilon: float, dtype: Any) -> Array:
+  """LayerNorm over the last axis in float32 (two-pass variance), output in `dtype`.
+
+  The custom gradient keeps x (in its own dtype) and the per-row mean and 1/std, and recomputes the
+  normalised x in the backward pass; autodiff kept float32 activation-sized intermediates instead
+  (the LayerNorm backward was ~9% of the GPU train step)."""
+  xhat, _, _ = _layer_norm_stats(x, epsilon)
+  return (xhat * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon, dtype):
+  xhat, mean, rstd = _layer_norm_stats(x, epsilon)
+  y = (xhat * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
+  return y, (x, mean, rstd, scale, bias)
+
+
+def _layer_norm_bwd(epsilon, dtype, res, g):
+  del epsilon, dtype
+  x, mean, rstd, scale, bias = res
+  xhat = (x.astype(jnp.float32) - mean) * rstd
+  gf = g.astype(jnp.float32)
+  dxhat = gf * scale.astype(jnp.float32)
+  dx = rstd * (dxhat - dxhat.mean(-1, keepdims=True) - xhat * (dxhat * xhat).mean(-1, keepdims=True))
+  rows = tuple(range(x.ndim - 1))
+  return (dx.astype(x.dtype), (gf * xhat).sum(rows).astype(scale.dtype), gf.sum(rows).astype(bias.dtype))
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 class Embed(nn.Module):
@@ -130,12 +215,24 @@ class Embed(nn.Module):
         (self.num_embeddings, self.features), self.param_dtype)
 
   def __call__(self, ids: Array) -> Array:
-    """[...] int -> [..., D]."""
-    return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+    """[...] int -> [..., D]. Tables of one or two rows (token types) select instead of gathering:
+    the same values for valid ids, and a gradient that is a reduction rather than a scatter-add of
+    every token into one or two rows (atomics all on the same addresses, ~1 ms per step on a GPU)."""
+    table = self.embedding
+    if self.num_embeddings == 1:
+      out = jnp.broadcast_to(table[0], ids.shape + table.shape[1:])
+    elif self.num_embeddings == 2:
+      out = jnp.where((ids == 1)[..., None], table[1], table[0])
+    else:
+      out = jnp.take(table, ids, axis=0)
+    return out.astype(self.dtype)
 
-  def attend(self, x: Array) -> Array:
-    """[..., D] -> [..., V] (tied output projection)."""
-    return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding.astype(self.dtype))
+  def attend(self, x: Array, dtype: Dtype | None = None) -> Array:
+    """[..., D] -> float32 [..., V] (tied output projection), the matmul in `dtype` (default
+    `self.dtype`; the model's compute dtype, as PyTorch autocast runs the decoder). The logits leave
+    the matmul in `dtype` and are cast up after it, so the backward matmuls run in `dtype` too."""
+    dt = dtype or self.dtype
+    return jnp.einsum("...d,vd->...v", x.astype(dt), self.embedding.astype(dt)).astype(jnp.float32)
 
 
 def logical_param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str | None, ...],
@@ -173,6 +270,57 @@ class PatchEmbed(nn.Module):
     return y
 
 
+def hash_uint32(x: Array) -> Array:
+  """A 32-bit integer mixer (xor-shift-multiply, "lowbias32"); uint32 in and out."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def keep_threshold(rate: float) -> int:
+  """uint32 threshold: a uniform 32-bit word >= it with probability 1 - rate."""
+  return min(int(round(rate * 2.0 ** 32)), 2 ** 32 - 1)
+
+
+def dropout(rng: Array, x: Array, rate: float) -> Array:
+  """Inverted dropout: zero each element with probability `rate`, scale the rest by 1 / (1 - rate).
+
+  One uint32 key is drawn from `rng`; element i is kept when hash_uint32(i ^ key) clears
+  `keep_threshold(rate)`, i being its row-major index. The mask is a pure function of (key, index):
+  XLA fuses it into the consumer (no random-bit buffers; recomputing it in the backward pass costs
+  a few integer ops), it does not depend on how x is sharded, and it is much cheaper than a
+  threefry draw per element (the hidden-state dropouts were ~9% of the GPU train step with one).
+  The scaling is a float32 multiply (flax's `nn.Dropout` divides)."""
+  if rate <= 0:
+    return x
+  if rate >= 1:
+    return jnp.zeros_like(x)
+  key = jax.random.bits(rng, (), jnp.uint32)
+  idx = jnp.zeros(x.shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(x.ndim)):
+    idx = idx + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(stride % 2 ** 32)
+    stride *= x.shape[axis]
+  keep = hash_uint32(idx ^ key) >= jnp.uint32(keep_threshold(rate))
+  return jnp.where(keep, (x.astype(jnp.float32) * (1.0 / (1.0 - rate))).astype(x.dtype), jnp.zeros((), x.dtype))
+
+
+class Dropout(nn.Module):
+  """`dropout` with the module's `dropout` RNG stream; identity when deterministic."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    if deterministic or self.rate <= 0:
+      return x
+    return dropout(self.make_rng("dropout"), x, self.rate)
+
+
+ATTENTION_IMPLS = ("auto", "xla", "fused", "fused_interpret")
+
+
 def attention_bias_from_mask(mask: Array | None, causal_length: int | None = None) -> Array | None:
   """Boolean key mask [B, S] (True = attend) and/or causal -> boolean [B|1, 1, L|1, S]."""
   out = None
@@ -185,30 +333,60 @@ def attention_bias_from_mask(mask: Array | None, causal_length: int | None = Non
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, *,
-                          dropout: nn.Dropout | None = None,
-                          deterministic: bool = True) -> Array:
+                          dropout_rate: float = 0.0, dropout_rng: Array | None = None,
+                          implementation: str = "xla") -> Array:
   """Scaled dot-product attention; softmax in float32.
 
   Args:
     q: [B, L, N, H]; k, v: [B, S, N, H].
     mask: boolean, broadcastable to [B, N, L, S]; True = attend.
+    dropout_rate, dropout_rng: dropout on the probabilities (rate 0 or rng None = none).
+    implementation: "xla"; "fused" = the Pallas kernel of `fused_attention` when it takes the
+      shapes (a key-padding mask, lengths 16-256), else "xla"; "auto" = "fused" on GPU for 16-bit
+      inputs; "fused_interpret" = the kernel in the Pallas interpreter (tests).
   Returns:
     [B, L, N, H] in q.dtype.
 
-  The two matmuls run head-major ([B, N, L, H] operands, explicit transposes):
+  The XLA path runs the two matmuls head-major ([B, N, L, H] operands, explicit transposes):
   same math as contracting the [B, L, N, H] layout directly, but on XLA:CPU the
   direct form picked slower dot layouts (attention ~1.4x the CPU time at
   roberta-base size, benchmarks/RESULTS.md).
   """
+  if implementation not in ATTENTION_IMPLS:
+    raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}, got {implementation!r}")
+  rate = float(dropout_rate) if dropout_rng is not None else 0.0
+  if implementation != "xla" and (mask is None or (mask.ndim == 4 and mask.shape[1:3] == (1, 1))):
+    from mmret_jax.models import fused_attention  # pylint: disable=import-outside-toplevel
+    interpret = implementation == "fused_interpret"
+    if interpret or (fused_attention.supported(q, k)
+                     and (implementation == "fused" or jax.default_backend() == "gpu")):
+      seed = jax.random.bits(dropout_rng, (), jnp.uint32) if rate > 0 else None
+      return fused_attention.fused_attention(
+          q, k, v, None if mask is None else mask[:, 0, 0, :], dropout_rate=rate, dropout_seed=seed,
+          interpret=interpret)
   scale = q.shape[-1] ** -0.5
   q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, N, L|S, H]
   logits = jnp.einsum("bnlh,bnsh->bnls", q, k).astype(jnp.float32) * scale
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)
-  if dropout is not None:
-    probs = dropout(probs, deterministic=deterministic)
+  if rate > 0:
+    probs = dropout(dropout_rng, probs, rate)
   return jnp.einsum("bnls,bnsh->bnlh", probs.astype(v.dtype), v).transpose(0, 2, 1, 3)
+
+
+def fused_projections(denses: Sequence["Dense"], x: Array) -> list[Array]:
+  """[dense(x) for dense in denses] as one matmul against the stacked kernels [D, P, F]: one read of
+  x and one larger GEMM instead of P (and one input gradient instead of P summed). Stacking on a
+  new axis keeps each kernel's sharding (the F axis stays where it was)."""
+  if len(denses) == 1:
+    return [denses[0](x)]
+  ws = [d(x, weights_only=True) for d in denses]
+  kernel = jnp.stack([w for w, _ in ws], axis=1)
+  y = jnp.einsum("...d,dpf->...pf", x.astype(denses[0].dtype), kernel)
+  if ws[0][1] is not None:
+    y = y + jnp.stack([b for _, b in ws])
+  return [y[..., i, :] for i in range(len(denses))]
 
 
 class Attention(nn.Module):
@@ -227,6 +405,7 @@ class Attention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   init_std: float = DEFAULT_INIT_STD
+  implementation: str = "xla"  # see dot_product_attention
 
   @nn.compact
   def __call__(self, x: Array, kv: Array | None = None, mask: Array | None = None,
@@ -234,14 +413,17 @@ class Attention(nn.Module):
     """x: [B, L, D]; kv: [B, S, Dkv] (defaults to x); mask: bool [B|1, 1, L|1, S] -> [B, L, D]."""
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
-    kv = x if kv is None else kv
     dense = lambda name: Dense(self.hidden_size, ("embed", "heads"), use_bias=self.use_bias, dtype=self.dtype,
                                param_dtype=self.param_dtype, init_std=self.init_std, name=name)
-    q = split_heads(dense(self.names[0])(x), self.num_heads)
-    k = split_heads(dense(self.names[1])(kv), self.num_heads)
-    v = split_heads(dense(self.names[2])(kv), self.num_heads)
-    dropout = nn.Dropout(self.dropout_rate) if self.dropout_rate > 0 else None
-    out = merge_heads(dot_product_attention(q, k, v, mask, dropout=dropout, deterministic=deterministic))
+    if kv is None:  # self-attention: q, k, v in one matmul
+      q, k, v = fused_projections([dense(n) for n in self.names], x)
+    else:  # k, v of the same states in one matmul
+      q, = fused_projections([dense(self.names[0])], x)
+      k, v = fused_projections([dense(n) for n in self.names[1:]], kv)
+    q, k, v = (split_heads(t, self.num_heads) for t in (q, k, v))
+    rng = self.make_rng("dropout") if self.dropout_rate > 0 and not deterministic else None
+    out = merge_heads(dot_product_attention(q, k, v, mask, dropout_rate=self.dropout_rate, dropout_rng=rng,
+                                            implementation=self.implementation))
     if self.out_name is not None:
       out = Dense(x.shape[-1], ("heads", "embed"), use_bias=self.use_bias, dtype=self.dtype,
                   param_dtype=self.param_dtype, init_std=self.init_std, name=self.out_name)(out)
@@ -262,7 +444,7 @@ class ResidualPostLN(nn.Module):
   def __call__(self, x: Array, residual: Array, deterministic: bool = True) -> Array:
     h = Dense(self.features, (self.in_axis, "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
               init_std=self.init_std, name="dense")(x)
-    h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+    h = Dropout(self.dropout_rate)(h, deterministic=deterministic)
     return LayerNorm(self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="LayerNorm")(h + residual)
 
@@ -278,9 +460,8 @@ class DenseAct(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    h = Dense(self.features, self.axes, dtype=self.dtype, param_dtype=self.param_dtype,
-              init_std=self.init_std, name="dense")(x)
-    return get_activation(self.activation)(h)
+    return dense_act(Dense(self.features, self.axes, dtype=self.dtype, param_dtype=self.param_dtype,
+                           init_std=self.init_std, name="dense"), x, self.activation)
 
 
 class Mlp(nn.Module):
@@ -295,8 +476,7 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, init_std=self.init_std)
-    h = Dense(self.intermediate_size, ("embed", "mlp"), name=self.names[0], **kw)(x)
-    h = get_activation(self.activation)(h)
+    h = dense_act(Dense(self.intermediate_size, ("embed", "mlp"), name=self.names[0], **kw), x, self.activation)
     return Dense(x.shape[-1], ("mlp", "embed"), name=self.names[1], **kw)(h)
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from mmret_jax import convert, losses
 from mmret_jax.data.sources.amazon_reviews import PairsSource, split_pairs
 from mmret_jax.embed import pool as embed_pool
-from mmret_jax.models import bert
+from mmret_jax.models import bert, layers
 from mmret_jax.tasks.base import Task
 from mmret_jax.train import partitioning
 
@@ -88,8 +88,11 @@ class BlairTask(Task):
       self.model_config = dataclasses.replace(base, vocab_size=len(self.tokenizer),
                                               pad_token_id=self.tokenizer.pad_token_id)
     dropout = float(c.model.dropout)
+    attention = c.model.get("attention", "auto")
+    if attention not in layers.ATTENTION_IMPLS:
+      raise ValueError(f"model.attention must be one of {layers.ATTENTION_IMPLS}, got {attention!r}")
     self.model_config = dataclasses.replace(self.model_config, hidden_dropout_prob=dropout,
-                                            attention_probs_dropout_prob=dropout)
+                                            attention_probs_dropout_prob=dropout, attention_impl=attention)
     if self.model_config.max_position_embeddings < c.data.max_seq_length + 2:
       raise ValueError(f"data.max_seq_length {c.data.max_seq_length} exceeds the model's positions")
     pooler = c.loss.pooler

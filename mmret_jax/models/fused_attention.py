@@ -1,0 +1,194 @@
+"""Fused self/cross-attention for short sequences on GPU: a Pallas (Triton) kernel per (batch, head).
+
+One program holds a whole [L, S] score block (L, S <= 256): QK^T, the key mask, a float32 softmax,
+dropout on the probabilities and the PV product happen in registers and shared memory, so neither
+the scores, the probabilities nor a dropout mask ever reach device memory. The backward kernel
+recomputes them from q, k, v and the saved log-sum-exp. q, k, v are read in the projections'
+[B, L, N, H] layout, so no head transposes are materialised either.
+
+Dropout draws its keep mask from a counter-based hash (`layers.hash_uint32`) of (per-(batch, head)
+key, l, s), as `layers.dropout` does for other tensors, instead of
+XLA's RNG: `keep_mask` computes the same mask in plain JAX, so tests compare the kernel with the
+reference attention under the very same mask. The per-(batch, head) keys come from the module's
+`dropout` RNG stream, so masks change every step and replay exactly on resume.
+
+`layers.dot_product_attention` uses this path when `implementation="fused"`, or with "auto" on a
+GPU for bfloat16 / float16 inputs of supported shapes (`supported`); float32 and CPU runs keep the
+XLA path, whose numbers are the parity reference.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from mmret_jax.models import layers
+
+Array = jax.Array
+
+_GOLDEN = 0x9E3779B9
+_MAX_LEN = 256
+_NEG = float(jnp.finfo(jnp.float32).min)
+
+
+def head_keys(seed: Array, batch: int, heads: int) -> Array:
+  """uint32 [B, N] per-(batch, head) dropout keys from a uint32 scalar seed."""
+  bn = jnp.arange(batch * heads, dtype=jnp.uint32).reshape(batch, heads)
+  return layers.hash_uint32(seed.astype(jnp.uint32) + bn * jnp.uint32(_GOLDEN))
+
+
+def _keep(key: Array, rows: Array, cols: Array, length: int, rate: float) -> Array:
+  """Boolean keep mask from a key and int32 row / column indices (broadcasting)."""
+  idx = (rows * length + cols).astype(jnp.uint32)
+  return layers.hash_uint32(idx ^ key) >= jnp.uint32(layers.keep_threshold(rate))
+
+
+def keep_mask(keys: Array, q_len: int, kv_len: int, rate: float) -> Array:
+  """bool [B, N, L, S]: the dropout keep mask the kernels use (keys from `head_keys`)."""
+  rows = jnp.arange(q_len, dtype=jnp.int32)[:, None]
+  cols = jnp.arange(kv_len, dtype=jnp.int32)[None, :]
+  return _keep(keys[:, :, None, None], rows, cols, kv_len, rate)
+
+
+def supported(q: Array, k: Array) -> bool:
+  """Shapes and dtypes the kernels take: [B, L, N, H] with L, S powers of two in [16, 256],
+  H in {16, 32, 64, 128}, 16-bit floats."""
+  pow2 = lambda n: n >= 16 and n <= _MAX_LEN and n & (n - 1) == 0
+  return (q.ndim == 4 and pow2(q.shape[1]) and pow2(k.shape[1]) and q.shape[3] in (16, 32, 64, 128)
+          and q.dtype in (jnp.bfloat16, jnp.float16) and k.dtype == q.dtype)
+
+
+# ----------------------------------------------------------------------------- kernels
+def _mm(a, b, a_contract: int, b_contract: int) -> Array:
+  """2-D matmul contracting a's and b's given dims, float32 accumulation and result."""
+  return jax.lax.dot_general(a, b, (((a_contract,), (b_contract,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+def _scores(q, k, valid, scale):
+  s = _mm(q, k, 1, 1) * scale
+  return jnp.where(valid[None, :], s, _NEG)
+
+
+def _fwd_kernel(keys_ref, mask_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, rate):
+  q, k, v = q_ref[...], k_ref[...], v_ref[...]
+  s = _scores(q, k, mask_ref[...] != 0, scale)
+  m = jnp.max(s, axis=1)
+  p = jnp.exp(s - m[:, None])
+  denom = jnp.sum(p, axis=1)
+  lse_ref[...] = m + jnp.log(denom)
+  p = p * (1.0 / denom)[:, None]
+  if rate > 0:
+    rows = jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
+    cols = jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+    p = jnp.where(_keep(keys_ref[...], rows, cols, s.shape[1], rate), p * (1.0 / (1.0 - rate)), 0.0)
+  o_ref[...] = _mm(p.astype(v.dtype), v, 1, 0).astype(o_ref.dtype)
+
+
+def _bwd_kernel(keys_ref, mask_ref, q_ref, k_ref, v_ref, lse_ref, do_ref, dq_ref, dk_ref, dv_ref, *,
+                scale, rate):
+  q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+  s = _scores(q, k, mask_ref[...] != 0, scale)
+  p = jnp.exp(s - lse_ref[...][:, None])
+  dp = _mm(do, v, 1, 1)  # d(dropped probabilities)
+  pd = p
+  if rate > 0:
+    rows = jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
+    cols = jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+    keep = _keep(keys_ref[...], rows, cols, s.shape[1], rate)
+    inv = 1.0 / (1.0 - rate)
+    pd = jnp.where(keep, p * inv, 0.0)
+    dp = jnp.where(keep, dp * inv, 0.0)
+  dv_ref[...] = _mm(pd.astype(do.dtype), do, 0, 0).astype(dv_ref.dtype)
+  ds = p * (dp - jnp.sum(p * dp, axis=1)[:, None])
+  dq_ref[...] = (_mm(ds.astype(k.dtype), k, 1, 0) * scale).astype(dq_ref.dtype)
+  dk_ref[...] = (_mm(ds.astype(q.dtype), q, 0, 0) * scale).astype(dk_ref.dtype)
+
+
+def _specs(b_l_n_h: tuple[int, ...], kv_len: int):
+  from jax.experimental import pallas as pl  # pylint: disable=import-outside-toplevel
+  _, q_len, _, h = b_l_n_h
+  return dict(
+      keys=pl.BlockSpec((None, 1), lambda b, n: (b, n)),
+      mask=pl.BlockSpec((None, kv_len), lambda b, n: (b, 0)),
+      q=pl.BlockSpec((None, q_len, None, h), lambda b, n: (b, 0, n, 0)),
+      kv=pl.BlockSpec((None, kv_len, None, h), lambda b, n: (b, 0, n, 0)),
+      lse=pl.BlockSpec((None, None, q_len), lambda b, n: (b, n, 0)))
+
+
+def _compiler_params(interpret: bool):
+  if interpret:
+    return None
+  from jax.experimental.pallas import triton as plgpu  # pylint: disable=import-outside-toplevel
+  return plgpu.CompilerParams(num_warps=4, num_stages=1)
+
+
+def _forward(q, k, v, mask, keys, rate, scale, interpret):
+  from jax.experimental import pallas as pl  # pylint: disable=import-outside-toplevel
+  b, q_len, n, _ = q.shape
+  sp = _specs(q.shape, k.shape[1])
+  o, lse = pl.pallas_call(
+      functools.partial(_fwd_kernel, scale=scale, rate=rate),
+      grid=(b, n),
+      in_specs=[sp["keys"], sp["mask"], sp["q"], sp["kv"], sp["kv"]],
+      out_specs=[sp["q"], sp["lse"]],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, q_len), jnp.float32)],
+      compiler_params=_compiler_params(interpret), interpret=interpret, name="fused_attention_fwd",
+  )(keys, mask, q, k, v)
+  return o, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _attention(q, k, v, mask, keys, rate, scale, interpret):
+  return _forward(q, k, v, mask, keys, rate, scale, interpret)[0]
+
+
+def _attention_fwd(q, k, v, mask, keys, rate, scale, interpret):
+  o, lse = _forward(q, k, v, mask, keys, rate, scale, interpret)
+  return o, (q, k, v, mask, keys, lse)
+
+
+def _attention_bwd(rate, scale, interpret, res, do):
+  from jax.experimental import pallas as pl  # pylint: disable=import-outside-toplevel
+  q, k, v, mask, keys, lse = res
+  b, _, n, _ = q.shape
+  sp = _specs(q.shape, k.shape[1])
+  dq, dk, dv = pl.pallas_call(
+      functools.partial(_bwd_kernel, scale=scale, rate=rate),
+      grid=(b, n),
+      in_specs=[sp["keys"], sp["mask"], sp["q"], sp["kv"], sp["kv"], sp["lse"], sp["q"]],
+      out_specs=[sp["q"], sp["kv"], sp["kv"]],
+      out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)],
+      compiler_params=_compiler_params(interpret), interpret=interpret, name="fused_attention_bwd",
+  )(keys, mask, q, k, v, lse, do.astype(q.dtype))
+  return dq, dk, dv, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def fused_attention(q: Array, k: Array, v: Array, key_mask: Array | None, *, dropout_rate: float = 0.0,
+                    dropout_seed: Array | None = None, interpret: bool = False) -> Array:
+  """Softmax(q k^T / sqrt(H), masked) with dropout, times v.
+
+  Args:
+    q: [B, L, N, H]; k, v: [B, S, N, H] (same dtype).
+    key_mask: [B, S] (nonzero = attend) or None.
+    dropout_rate: dropout on the attention probabilities (0 = none).
+    dropout_seed: uint32 scalar, required when dropout_rate > 0.
+    interpret: run the kernels in the Pallas interpreter (CPU tests).
+  Returns:
+    [B, L, N, H] in q.dtype.
+  """
+  b, _, n, h = q.shape
+  mask = jnp.ones((b, k.shape[1]), jnp.int32) if key_mask is None else \
+      jnp.broadcast_to(key_mask, (b, k.shape[1])).astype(jnp.int32)
+  if dropout_rate > 0:
+    if dropout_seed is None:
+      raise ValueError("dropout_rate > 0 needs a dropout_seed")
+    keys = head_keys(dropout_seed, b, n)
+  else:
+    keys = jnp.zeros((b, n), jnp.uint32)
+  return _attention(q, k, v, mask, keys, float(dropout_rate), float(h) ** -0.5, bool(interpret))
