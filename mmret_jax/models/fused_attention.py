@@ -12,6 +12,10 @@ XLA's RNG: `keep_mask` computes the same mask in plain JAX, so tests compare the
 reference attention under the very same mask. The per-(batch, head) keys come from the module's
 `dropout` RNG stream, so masks change every step and replay exactly on resume.
 
+Under a multi-device mesh (the training loop's `jax.set_mesh` plus flax's logical axis rules) the
+kernels run inside `shard_map`, each device on its own batch / head shard; XLA cannot partition a
+Pallas call itself and would gather q, k, v onto every device.
+
 `layers.dot_product_attention` uses this path when `implementation="fused"`, or with "auto" on a
 GPU for bfloat16 / float16 inputs of supported shapes (`supported`); float32 and CPU runs keep the
 XLA path, whose numbers are the parity reference.
@@ -23,6 +27,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmret_jax.models import layers
 
@@ -141,7 +146,7 @@ def _forward(q, k, v, mask, keys, rate, scale, interpret):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _attention(q, k, v, mask, keys, rate, scale, interpret):
+def _attention(q, k, v, mask, keys, rate, scale, interpret):  # rate, scale, interpret: static
   return _forward(q, k, v, mask, keys, rate, scale, interpret)[0]
 
 
@@ -191,4 +196,31 @@ def fused_attention(q: Array, k: Array, v: Array, key_mask: Array | None, *, dro
     keys = head_keys(dropout_seed, b, n)
   else:
     keys = jnp.zeros((b, n), jnp.uint32)
-  return _attention(q, k, v, mask, keys, float(dropout_rate), float(h) ** -0.5, bool(interpret))
+  rate, scale = float(dropout_rate), float(h) ** -0.5
+  fn = lambda q, k, v, mask, keys: _attention(q, k, v, mask, keys, rate, scale, bool(interpret))
+  specs = mesh_specs(b, n)
+  if specs is not None:  # one kernel per device on its (batch, head) shard: XLA cannot split it
+    mesh, bn, bs, bh = specs
+    fn = jax.shard_map(fn, mesh=mesh, in_specs=(bn, bn, bn, bs, bh), out_specs=bn, check_vma=False)
+  return fn(q, k, v, mask, keys)
+
+
+def mesh_specs(batch: int, heads: int):
+  """(mesh, spec of [B, L, N, H], of [B, S], of [B, N]) for running the kernel under `shard_map`
+  when a multi-device mesh is active (`jax.set_mesh`) and flax's logical axis rules map `batch` /
+  `heads` onto it (the training loop sets both). None when there is nothing to split or the shard
+  counts do not divide batch / heads: the kernel then sees whole arrays (XLA gathers them)."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or mesh.size == 1:
+    return None
+  b_axes, h_axes = nn.logical_to_mesh_axes(("batch", "heads"))
+  as_tuple = lambda a: () if a is None else (a,) if isinstance(a, str) else tuple(a)
+  b_axes = tuple(a for a in as_tuple(b_axes) if a in mesh.axis_names)
+  h_axes = tuple(a for a in as_tuple(h_axes) if a in mesh.axis_names)
+  size = lambda axes: int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+  if batch % size(b_axes) or heads % size(h_axes):
+    return None
+  b_spec, h_spec = (b_axes or None), (h_axes or None)
+  return mesh, P(b_spec, None, h_spec, None), P(b_spec, None), P(b_spec, h_spec)
