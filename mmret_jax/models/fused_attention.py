@@ -44,17 +44,19 @@ def head_keys(seed: Array, batch: int, heads: int) -> Array:
   return layers.hash_uint32(seed.astype(jnp.uint32) + bn * jnp.uint32(_GOLDEN))
 
 
-def _keep(key: Array, rows: Array, cols: Array, length: int, rate: float) -> Array:
-  """Boolean keep mask from a key and int32 row / column indices (broadcasting)."""
-  idx = (rows * length + cols).astype(jnp.uint32)
-  return layers.hash_uint32(idx ^ key) >= jnp.uint32(layers.keep_threshold(rate))
-
-
 def keep_mask(keys: Array, q_len: int, kv_len: int, rate: float) -> Array:
-  """bool [B, N, L, S]: the dropout keep mask the kernels use (keys from `head_keys`)."""
+  """bool [B, N, L, S]: the dropout keep mask the kernels use (keys from `head_keys`); element
+  (l, s) of head block (b, n) is kept by `layers.hash_keep(l * S + s, keys[b, n], rate)`."""
   rows = jnp.arange(q_len, dtype=jnp.int32)[:, None]
   cols = jnp.arange(kv_len, dtype=jnp.int32)[None, :]
-  return _keep(keys[:, :, None, None], rows, cols, kv_len, rate)
+  return layers.hash_keep(rows * kv_len + cols, keys[:, :, None, None], rate)
+
+
+def _block_keep(keys_ref, shape: tuple[int, int], rate: float) -> Array:
+  """`keep_mask` for the [L, S] block of the program's (batch, head)."""
+  rows = jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+  cols = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+  return layers.hash_keep(rows * shape[1] + cols, keys_ref[...], rate)
 
 
 def supported(q: Array, k: Array) -> bool:
@@ -86,9 +88,7 @@ def _fwd_kernel(keys_ref, mask_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scal
   lse_ref[...] = m + jnp.log(denom)
   p = p * (1.0 / denom)[:, None]
   if rate > 0:
-    rows = jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
-    cols = jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
-    p = jnp.where(_keep(keys_ref[...], rows, cols, s.shape[1], rate), p * (1.0 / (1.0 - rate)), 0.0)
+    p = jnp.where(_block_keep(keys_ref, s.shape, rate), p * (1.0 / (1.0 - rate)), 0.0)
   o_ref[...] = _mm(p.astype(v.dtype), v, 1, 0).astype(o_ref.dtype)
 
 
@@ -100,9 +100,7 @@ def _bwd_kernel(keys_ref, mask_ref, q_ref, k_ref, v_ref, lse_ref, do_ref, dq_ref
   dp = _mm(do, v, 1, 1)  # d(dropped probabilities)
   pd = p
   if rate > 0:
-    rows = jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
-    cols = jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
-    keep = _keep(keys_ref[...], rows, cols, s.shape[1], rate)
+    keep = _block_keep(keys_ref, s.shape, rate)
     inv = 1.0 / (1.0 - rate)
     pd = jnp.where(keep, p * inv, 0.0)
     dp = jnp.where(keep, dp * inv, 0.0)
