@@ -47,7 +47,12 @@ def gelu_erf(x: Array) -> Array:
   XLA expands into two rational approximations, an exp and two divisions per element (the costliest
   element-wise op of the CPU train step)."""
   xf = x.astype(jnp.float32)
-  return (0.5 * xf * (1.0 + jax.lax.erf(xf * 0.7071067811865476))).astype(x.dtype)
+  return (xf * _gelu_cdf(xf)).astype(x.dtype)
+
+
+def _gelu_cdf(z: Array) -> Array:
+  """The standard normal CDF Phi(z) = 0.5 (1 + erf(z / sqrt 2)) (float32 in and out)."""
+  return 0.5 * (1.0 + jax.lax.erf(z * 0.7071067811865476))
 
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
@@ -128,9 +133,8 @@ def _bias_gelu_fwd(y, b):
 def _bias_gelu_bwd(res, g):
   y, b = res
   z = (y + b).astype(jnp.float32)
-  cdf = 0.5 * (1.0 + jax.lax.erf(z * 0.7071067811865476))
   pdf = jnp.exp(-0.5 * z * z) * 0.3989422804014327  # 1 / sqrt(2 pi)
-  dz = g.astype(jnp.float32) * (cdf + z * pdf)
+  dz = g.astype(jnp.float32) * (_gelu_cdf(z) + z * pdf)
   db = dz.reshape(-1, dz.shape[-1]).sum(0)
   return dz.astype(y.dtype), db.astype(b.dtype)
 
@@ -176,8 +180,7 @@ def layer_norm(x: Array, scale: Array, bias: Array, epsilon: float, dtype: Any) 
   The custom gradient keeps x (in its own dtype) and the per-row mean and 1/std, and recomputes the
   normalised x in the backward pass; autodiff kept float32 activation-sized intermediates instead
   (the LayerNorm backward was ~9% of the GPU train step)."""
-  xhat, _, _ = _layer_norm_stats(x, epsilon)
-  return (xhat * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
+  return _layer_norm_fwd(x, scale, bias, epsilon, dtype)[0]
 
 
 def _layer_norm_fwd(x, scale, bias, epsilon, dtype):
