@@ -450,3 +450,20 @@ def test_smoke_config_learns(tmp_path):
   assert res.eval["eval/images_skipped"] == 1 and res.eval["eval/train_images_skipped"] == 0
   assert res.eval["eval/num_images"] > 10
   assert (tmp_path / "w" / "model" / "twin_tower").exists()
+
+
+def test_skipped_image_count_survives_resume(tmp_path):
+  """The count of training rows dropped for a missing image is part of the checkpointed data state:
+  a run stopped after the skip and resumed reports the same total as an uninterrupted run."""
+  data = write_data(tmp_path, n=48, missing=(20,))
+  cfg = lambda **kw: tiny_config(data, total_steps=6, eval_every=0, **kw)  # noqa: E731
+  full = loop.train_and_evaluate(cfg(), tmp_path / "full")
+  loop.train_and_evaluate(cfg(stop_at_step=3), tmp_path / "resumed")
+  state = json.loads((tmp_path / "resumed" / "checkpoints" / "3" / "data" / "process_0-of-1.json").read_text())
+  assert state["skipped"] >= 1  # the skip happened before the stop, so only the checkpoint can carry it
+  resumed = loop.train_and_evaluate(cfg(), tmp_path / "resumed")
+  total = full.eval["eval/train_images_skipped"]
+  print("skipped at the stop:", state["skipped"], "in all:", total)
+  assert total >= state["skipped"]
+  assert resumed.eval["eval/train_images_skipped"] == total
+  assert losses_of(tmp_path / "resumed") == losses_of(tmp_path / "full")

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmret_jax import convert, losses
-from mmret_jax.data import image as image_lib
+from mmret_jax.data import image as image_lib, pipeline
 from mmret_jax.data.sources.amazon_reviews import MultimodalPairsSource
 from mmret_jax.models import layers, vit
 from mmret_jax.tasks.blair import BlairTask, TokenizePairs
@@ -55,19 +55,6 @@ class _Heads(nn.Module):
     return t, v, scale, tt_scale
 
 
-class _DropBadImages:
-  """Filter for the grain pipeline: drops rows whose image failed to load and counts them."""
-
-  def __init__(self):
-    self.skipped = 0
-
-  def __call__(self, row) -> bool:
-    if bool(row["image_ok"]):
-      return True
-    self.skipped += 1
-    return False
-
-
 class BlairClipTask(BlairTask):
   """`config.task = "blair_clip"`."""
 
@@ -93,7 +80,7 @@ class BlairClipTask(BlairTask):
     kw = dict(dtype=jnp.dtype(config.model.dtype), remat=bool(config.model.remat))
     self.vision = vit.VisionTransformer(self.vision_config, **kw)
     self.heads = _Heads(int(mm.projection_dim), float(mm.temperature_init), float(config.loss.temp))
-    self._drop_bad = _DropBadImages()
+    self._bad_images = pipeline.SkipCounter()
 
   def freeze_patterns(self) -> tuple[str, ...]:
     """`mm.freeze_clip_tower` freezes the vision tower; `mm.freeze_text_tower` the RoBERTa encoder
@@ -137,11 +124,15 @@ class BlairClipTask(BlairTask):
     ds = self.train_rows().map(image_lib.PreprocessImage(self.image_config))
     ds = ds.map(_TokenizeKeepImage(self.tokenizer, int(self.config.data.max_seq_length)))
     it = ds.to_iter_dataset(self.read_options())  # filter before batch needs an IterDataset (grain)
-    return iter(it.filter(self._drop_bad).batch(per_process_batch, drop_remainder=True))
+    # Rows whose image failed to load are dropped; the count travels in the iterator's checkpoint.
+    it = pipeline.CountedFilter(it, lambda row: bool(row["image_ok"]), self._bad_images)
+    return iter(it.batch(per_process_batch, drop_remainder=True))
 
   @property
   def images_skipped(self) -> int:
-    return self._drop_bad.skipped
+    """Training rows dropped so far on this process for a missing / unreadable image (kept across
+    resumes: the count is part of the data iterator's checkpointed state)."""
+    return self._bad_images.count
 
   # ----------------------------------------------------------------------------- loss
   def towers(self, params, batch, rng, train: bool):
