@@ -6,7 +6,7 @@
 #
 # Steps (run from the repository root on your workstation, with gcloud authenticated):
 #   1. create the slice if TPU_NAME does not exist yet (ACCELERATOR_TYPE, RUNTIME_VERSION);
-#   2. copy this working tree to ~/mmret on all workers and `pip install -e '.[tpu]'` into a venv
+#   2. copy this working tree to ~/mmret on all workers and `pip install -e '.[tpu,gcs]'` into a venv
 #      (skip with INSTALL=0 on reruns);
 #   3. run `python -m mmret_jax.main` on all workers at once. Each worker is one JAX process.
 #      JAX_COORDINATOR_ADDRESS is set to worker 0 (which makes our code call
@@ -51,7 +51,7 @@ if [[ "${INSTALL}" == "1" ]]; then
 tar xzf ~/mmret.tgz -C ~/${REMOTE_DIR}; \
 [ -d ~/${REMOTE_VENV} ] || python3 -m venv ~/${REMOTE_VENV}; \
 ~/${REMOTE_VENV}/bin/pip install -q -U pip; \
-cd ~/${REMOTE_DIR} && ~/${REMOTE_VENV}/bin/pip install -q -e '.[tpu]'"
+cd ~/${REMOTE_DIR} && ~/${REMOTE_VENV}/bin/pip install -q -e '.[tpu,gcs]'"
 fi
 
 coordinator_ip="$(tpu describe "${TPU_NAME}" --format='value(networkEndpoints[0].ipAddress)')"

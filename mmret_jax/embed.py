@@ -67,6 +67,7 @@ class Encoder:
   @classmethod
   def from_dir(cls, path: str | os.PathLike, *, dtype: str = "float32", verbose: bool = False) -> "Encoder":
     from mmret_jax import convert  # pylint: disable=import-outside-toplevel
+    path = convert.localize(path)  # a gs:// dir: downloaded once into the local cache
     meta, hf_config, params, on_the_fly = convert.load_any(path)
     if not convert.is_converted_dir(path) and convert.is_converted_dir(pathlib.Path(path) / "model"):
       path = pathlib.Path(path) / "model"  # a training workdir: its exported model

@@ -7,7 +7,6 @@ Rerunning the same command resumes from the newest checkpoint in `--workdir`.
 from __future__ import annotations
 
 import os
-import pathlib
 import sys
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -68,7 +67,8 @@ def main(argv):
     if "eval/recall@10" in ev and ev.get("eval/num_items"):
       print(f"held-out Recall@10 = {ev['eval/recall@10']:.4f} (chance {min(1.0, 10 / ev['eval/num_items']):.4f} "
             f"over {int(ev['eval/num_items'])} items), NDCG@10 = {ev.get('eval/ndcg@10', float('nan')):.4f}")
-  print(f"workdir: {pathlib.Path(workdir).absolute()}")
+  from mmret_jax import storage  # pylint: disable=import-outside-toplevel
+  print(f"workdir: {storage.display(workdir)}")
 
 
 if __name__ == "__main__":

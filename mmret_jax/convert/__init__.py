@@ -9,6 +9,7 @@ import types
 
 import numpy as np
 
+from mmret_jax import storage
 from mmret_jax.convert import bert as bert_family
 from mmret_jax.convert import clip as clip_family
 from mmret_jax.convert.core import (ConversionError, META_FILE, copy_tokenizer_files, is_converted_dir,
@@ -95,9 +96,21 @@ def to_hf(src: str | os.PathLike, dst: str | os.PathLike) -> dict:
   return {"family": name, "num_keys": len(sd), "tokenizer_files": copied}
 
 
+def localize(path: str | os.PathLike) -> pathlib.Path:
+  """A local path as is; a remote (gs://...) model dir, or a remote training workdir's exported
+  `model/`, downloaded once into the local cache (mmret_jax/storage.py)."""
+  if not storage.is_remote(path):
+    return pathlib.Path(path)
+  remote = storage.as_path(path)
+  if not (remote / META_FILE).exists() and (remote / "model" / META_FILE).exists():
+    remote = remote / "model"
+  return storage.local_copy(str(remote))
+
+
 def load_any(path: str | os.PathLike) -> tuple[dict, dict, dict, bool]:
-  """(meta, hf_config, params, converted_on_the_fly) from a converted dir or an HF dir."""
-  path = pathlib.Path(path)
+  """(meta, hf_config, params, converted_on_the_fly) from a converted dir or an HF dir (local or
+  remote)."""
+  path = localize(path)
   if not path.exists():
     raise FileNotFoundError(f"Model directory not found: {path}")
   if not is_converted_dir(path) and is_converted_dir(path / "model"):  # a training workdir
@@ -114,7 +127,10 @@ def load_any(path: str | os.PathLike) -> tuple[dict, dict, dict, bool]:
 
 def resolve_pretrained(name_or_path: str) -> pathlib.Path:
   """A local dir as is; a hub id (e.g. `roberta-base`) from the local HF cache, or downloaded when
-  online. Offline and not cached -> a clear error saying how to supply the weights."""
+  online; a gs:// dir is downloaded once into the local cache. Offline and not cached -> a clear
+  error saying how to supply the weights."""
+  if storage.is_remote(name_or_path):
+    return localize(name_or_path)
   path = pathlib.Path(name_or_path).expanduser()
   if path.exists():
     return path

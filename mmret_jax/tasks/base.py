@@ -9,6 +9,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from mmret_jax import storage
+
 
 class Task:
   """A task owns its model, loss, data and evaluation; `train/loop.py` owns everything else.
@@ -18,7 +20,8 @@ class Task:
   """
 
   def __init__(self, config, mesh: Mesh, workdir: pathlib.Path):
-    self.config, self.mesh, self.workdir = config, mesh, pathlib.Path(workdir)
+    # pathlib.Path, or an epath.Path (same API) for a gs:// workdir; see mmret_jax/storage.py
+    self.config, self.mesh, self.workdir = config, mesh, storage.as_path(workdir)
 
   @property
   def num_train_examples(self) -> int:
@@ -48,4 +51,5 @@ class Task:
     return {}
 
   def export(self, params: Any, dst: pathlib.Path) -> None:
-    """Writes an inference model at the end of training (default: nothing)."""
+    """Writes an inference model at the end of training into the local dir `dst` (the loop uploads
+    it when the workdir is remote; default: nothing)."""

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmret_jax import convert, losses
+from mmret_jax import convert, losses, storage
 from mmret_jax.data.sources.amazon_reviews import PairsSource, split_pairs
 from mmret_jax.embed import pool as embed_pool
 from mmret_jax.models import bert, layers
@@ -116,13 +116,14 @@ class BlairTask(Task):
       return _load_tokenizer(spec)
     saved = self.workdir / "tokenizer"
     if (saved / "tokenizer.json").exists():
-      return _load_tokenizer(saved)
+      return _load_tokenizer(storage.local_copy(saved, refresh=True))
     from mmret_jax.data.text import build_bpe_tokenizer  # pylint: disable=import-outside-toplevel
     vocab = int(spec.split(":", 1)[1]) if spec else 8000
     texts = (t for i in self.train_idx for t in (self.source[int(i)]["review"], self.source[int(i)]["meta"]))
     tok = build_bpe_tokenizer(texts, vocab_size=vocab)
     if jax.process_index() == 0:
-      tok.save_pretrained(saved)
+      with storage.staged_dir(saved) as local:  # uploaded when the workdir is remote
+        tok.save_pretrained(local)
     return tok
 
   @property

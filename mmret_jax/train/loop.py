@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 from tqdm import tqdm
 
-from mmret_jax import tasks
+from mmret_jax import storage, tasks
 from mmret_jax.train import metrics as metrics_lib
 from mmret_jax.train import optim, partitioning
 
@@ -156,7 +156,7 @@ def resolve_total_steps(config, num_train_examples: int) -> int:
   return max(1, math.ceil(epochs * num_train_examples / int(config.batch_size)))
 
 
-def _checkpoint_manager(workdir: pathlib.Path, config) -> ocp.CheckpointManager:
+def _checkpoint_manager(workdir, config) -> ocp.CheckpointManager:
   ck = config.checkpoint
   policies = [cm.LatestN(n=int(ck.keep))]
   if ck.get("best_metric"):
@@ -164,7 +164,7 @@ def _checkpoint_manager(workdir: pathlib.Path, config) -> ocp.CheckpointManager:
     policies.append(cm.BestN(get_metric_fn=lambda m: m[name], reverse=reverse, n=1,
                              keep_checkpoints_without_metrics=False))
   return ocp.CheckpointManager(
-      (workdir / "checkpoints").absolute(),
+      storage.display(workdir / "checkpoints"),  # absolute path or gs:// URL
       options=ocp.CheckpointManagerOptions(
           preservation_policy=cm.AnyPreservationPolicy(policies),
           enable_async_checkpointing=bool(ck.get("async", True)), create=True))
@@ -185,9 +185,9 @@ def _restore_newest(mngr, abstract_state, data_iter):
 
 
 def train_and_evaluate(config, workdir: str | pathlib.Path) -> RunResult:
-  """Trains `config.task` in `workdir` (resuming if possible)."""
+  """Trains `config.task` in `workdir` (a local dir or a gs:// URL; resuming if possible)."""
   partitioning.maybe_initialize_distributed()
-  workdir = pathlib.Path(workdir)
+  workdir = storage.as_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
   mesh = partitioning.make_mesh(dict(config.mesh))
@@ -248,7 +248,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> RunResult:
   mngr.close()
   writer.close()
   if int(jax.device_get(state.step)) == total_steps and is_main:
-    task.export(state.params, workdir / "model")
+    with storage.staged_dir(workdir / "model") as model_dir:  # uploaded when remote
+      task.export(state.params, model_dir)
     writer.console(f"inference model: {workdir / 'model'} (python -m mmret_jax.embed --model {workdir} ...)")
   return RunResult(eval=last_eval, state=state, total_steps=total_steps)
 

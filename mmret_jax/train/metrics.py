@@ -9,6 +9,8 @@ from typing import Any, Mapping
 
 import jax
 
+from mmret_jax import storage
+
 # Dense bf16 peak FLOP/s per device, for the MFU estimate (override with config.peak_flops_per_device).
 PEAK_FLOPS = {
     "H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L4": 121e12,
@@ -39,18 +41,19 @@ def compiled_flops(compiled) -> float | None:
 
 
 class MetricWriter:
-  """Writes scalars to the console, `metrics.jsonl` and TensorBoard event files (process 0 only)."""
+  """Writes scalars to the console, `metrics.jsonl` and TensorBoard event files (process 0 only).
+
+  With a remote workdir (gs://...) both files are written locally and uploaded after every write."""
 
   def __init__(self, workdir: str | pathlib.Path, enabled: bool = True, console=None):
     self.enabled = enabled
     self.console = console or (lambda s: print(s, file=sys.stderr))
-    self.workdir = pathlib.Path(workdir)
-    self._tb = None
+    self._tb = self._mirror = None
     if enabled:
-      self.workdir.mkdir(parents=True, exist_ok=True)
+      self._mirror = storage.Mirror(workdir, download=("metrics.jsonl",))  # appended to on resume
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-        self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+        self._tb = SummaryWriter(str(self._mirror.local / "tensorboard"))
       except ImportError:
         self.console("note: tensorboardX not installed; TensorBoard events are not written")
 
@@ -58,17 +61,20 @@ class MetricWriter:
     if not self.enabled:
       return
     clean = {k: float(v) for k, v in scalars.items() if v is not None}
-    with open(self.workdir / "metrics.jsonl", "a", encoding="utf-8") as f:
+    with open(self._mirror.local / "metrics.jsonl", "a", encoding="utf-8") as f:
       f.write(json.dumps({"step": step, **clean}) + "\n")
     if self._tb is not None:
       for k, v in clean.items():
         self._tb.add_scalar(k, v, step)
       self._tb.flush()
+    self._mirror.sync()
     self.console(f"step {step}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in clean.items()))
 
   def close(self):
     if self._tb is not None:
       self._tb.close()
+    if self._mirror is not None:
+      self._mirror.close()
 
 
 def _fmt(v: float) -> str:
@@ -77,5 +83,5 @@ def _fmt(v: float) -> str:
 
 def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
   """All rows of `metrics.jsonl` (tests, notebooks)."""
-  path = pathlib.Path(workdir) / "metrics.jsonl"
+  path = storage.as_path(workdir) / "metrics.jsonl"
   return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
