@@ -31,7 +31,8 @@ def get_config(arg=None, *, preset="roberta-base", per_device_batch=384, num_dev
   c.eval_every = 1000
   c.checkpoint_every = 1000
   c.init_from = preset  # HF id (needs the hub or its cache) or a local dir
-  # attention: auto (the fused Pallas kernel on GPU for bf16, XLA elsewhere) | xla | fused
+  # attention: auto (the fused Pallas kernel on GPU for bf16, XLA elsewhere) | xla | fused |
+  # fused_qkv (the kernel reading q/k/v packed from the fused projection; not yet timed on a GPU)
   c.model = dict(preset=preset, dtype="bfloat16", remat=False, dropout=0.1, attention="auto")
   c.data = dict(train_file="clean_review_meta.tsv", valid_fraction=0.01, max_seq_length=64,
                 eval_batch_size=64, eval_max_pairs=20000, num_threads=8, prefetch=4)

@@ -225,10 +225,11 @@ def test_bf16_compute_close_to_torch_fp32(hf_dirs, case):
   assert _maxdiff(out["last_hidden_state"], ref.last_hidden_state) > 1e-4
 
 
-@pytest.mark.parametrize("impl", ["auto", "fused_interpret"])
+@pytest.mark.parametrize("impl", ["auto", "fused_interpret", "fused_qkv_interpret"])
 def test_bf16_fused_attention_close_to_torch_fp32(hf_dirs, impl):
   """Lengths and head size the fused kernel takes (32 tokens, head dim 16): "auto" is the Triton
-  kernel on a GPU and XLA on CPU; "fused_interpret" is the kernel in the Pallas interpreter."""
+  kernel on a GPU and XLA on CPU; "fused_interpret" is the kernel in the Pallas interpreter, and
+  "fused_qkv_interpret" its packed-q/k/v form."""
   import dataclasses  # pylint: disable=import-outside-toplevel
   path, tmodel, _ = hf_dirs("roberta-h48-3heads-3layers")
   cfg = tmodel.config

@@ -7,6 +7,7 @@ same keep mask (`keep_mask`), in float32: forward and q/k/v gradients must agree
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,6 +53,34 @@ def test_kernel_matches_reference_forward_and_grads(shape, rate):
     assert float(jnp.abs(out - no_drop).max()) > 1e-2
 
 
+@pytest.mark.parametrize("shape,rate", [((2, 16, 2, 16), 0.0), ((2, 32, 3, 32), 0.2)])
+def test_packed_kernel_matches_reference_forward_and_grads(shape, rate):
+  """`fused_attention_qkv` reads q, k, v (+ biases) from the packed projection and writes the packed
+  gradient and the bias gradient itself: same values and gradients as the reference on the slices."""
+  b, length, n, h = shape
+  rng = np.random.default_rng(1)
+  y = jnp.asarray(rng.normal(size=(b, length, 3, n, h)), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=(3, n, h)), jnp.float32)
+  key_mask = jnp.asarray(rng.random((b, length)) < 0.7).astype(jnp.int32).at[:, 0].set(1)
+  seed = jnp.uint32(99)
+  keys = fa.head_keys(seed, b, n)
+  fused = lambda y, bias: fa.fused_attention_qkv(y, bias, key_mask, dropout_rate=rate, dropout_seed=seed,
+                                                 interpret=True)
+  ref = lambda y, bias: _reference(*(y[:, :, j] + bias[j] for j in range(3)), key_mask, keys, rate)
+  out, want = fused(y, bias), ref(y, bias)
+  assert out.shape == (b, length, n, h)
+  np.testing.assert_allclose(out, want, atol=1e-5, rtol=0)
+  cot = jnp.asarray(rng.normal(size=out.shape), jnp.float32)
+  g_fused = jax.grad(lambda *a: (fused(*a) * cot).sum(), argnums=(0, 1))(y, bias)
+  g_ref = jax.grad(lambda *a: (ref(*a) * cot).sum(), argnums=(0, 1))(y, bias)
+  for name, a, b_ in zip(("y", "bias"), g_fused, g_ref):
+    assert a.shape == b_.shape and float(jnp.abs(b_).max()) > 1e-2, name
+    np.testing.assert_allclose(a, b_, atol=1e-5 * max(1.0, float(jnp.abs(b_).max())), rtol=0, err_msg=name)
+  # without biases: the same as zero biases
+  np.testing.assert_array_equal(fa.fused_attention_qkv(y, None, key_mask, interpret=True),
+                                fa.fused_attention_qkv(y, jnp.zeros_like(bias), key_mask, interpret=True))
+
+
 def test_keep_mask_statistics_and_determinism():
   rate = 0.1
   m = fa.keep_mask(fa.head_keys(jnp.uint32(7), 32, 12), 64, 64, rate)
@@ -78,6 +107,10 @@ def test_supported_shapes():
   assert not fa.supported(x(512), x(512))
   assert not fa.supported(x(64, dt=jnp.float32), x(64, dt=jnp.float32))  # float32 stays on XLA
   assert not fa.supported(x(64, h=80), x(64, h=80))
+  packed = lambda l, dt=jnp.bfloat16: jax.ShapeDtypeStruct((2, l, 3, 12, 64), dt)
+  assert fa.supported_packed(packed(64)) and not fa.supported_packed(packed(48))
+  assert not fa.supported_packed(packed(64, jnp.float32))
+  assert not fa.supported_packed(jax.ShapeDtypeStruct((2, 64, 2, 12, 64), jnp.bfloat16))
 
 
 def test_bert_with_fused_attention_matches_xla_path():
@@ -89,14 +122,23 @@ def test_bert_with_fused_attention_matches_xla_path():
   mask = np.ones_like(ids)
   mask[1, 9:] = 0
   ids[1, 9:] = 1
-  outs = {}
-  for impl in ("xla", "fused_interpret"):
+  outs, grads = {}, {}
+  for impl in ("xla", "fused_interpret", "fused_qkv_interpret"):
     import dataclasses  # pylint: disable=import-outside-toplevel
     model = bert.BertModel(dataclasses.replace(cfg, attention_impl=impl), add_pooling_layer=True)
-    params = bert.init_params(model, jax.random.PRNGKey(0), seq_len=16) if impl == "xla" else params
+    params = nn.unbox(bert.init_params(model, jax.random.PRNGKey(0), seq_len=16)) if impl == "xla" else params
     outs[impl] = model.apply({"params": params}, ids, mask)
-  for key in ("last_hidden_state", "pooler_output"):
-    np.testing.assert_allclose(outs["fused_interpret"][key], outs["xla"][key], atol=1e-5, rtol=0)
+    # HF-style init zeroes the biases: shift them so the kernels' bias handling matters
+    shifted = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 0.1 if path[-1].key == "bias" else x, params)
+    grads[impl] = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, ids, mask)["pooler_output"] ** 2))(shifted)
+  qkv_bias = lambda g: g["encoder"]["layer_0"]["attention"]["self"]["value"]["bias"]
+  assert float(jnp.abs(qkv_bias(grads["xla"])).max()) > 1e-4
+  for impl in ("fused_interpret", "fused_qkv_interpret"):
+    for key in ("last_hidden_state", "pooler_output"):
+      np.testing.assert_allclose(outs[impl][key], outs["xla"][key], atol=1e-5, rtol=0, err_msg=impl)
+    for (path, a), b_ in zip(jax.tree_util.tree_leaves_with_path(grads[impl]), jax.tree.leaves(grads["xla"])):
+      np.testing.assert_allclose(a, b_, atol=1e-5, rtol=0, err_msg=f"{impl} {jax.tree_util.keystr(path)}")
 
 
 def test_bad_attention_impl_is_a_clear_error():
@@ -132,7 +174,7 @@ def test_dropout_masks_are_independent_across_keys_rows_and_columns():
 _MESH_SCRIPT = r'''
 import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
-from mmret_jax.models import layers
+from mmret_jax.models import fused_attention as fa, layers
 from mmret_jax.train import partitioning
 rng = np.random.default_rng(0)
 q, k, v = (jnp.asarray(rng.normal(size=(8, 16, 4, 16)), jnp.float32) for _ in range(3))
@@ -142,26 +184,41 @@ f = lambda q, k, v: layers.dot_product_attention(q, k, v, mask, dropout_rate=0.2
                                                  implementation="fused_interpret")
 run = jax.jit(lambda q, k, v: (f(q, k, v), jax.grad(lambda q: (f(q, k, v) ** 2).sum())(q)))
 ref = run(q, k, v)
+y = jnp.stack([q, k, v], 2)  # packed [B, L, 3, N, H]
+bias = jnp.asarray(rng.normal(size=(3, 4, 16)), jnp.float32)
+fp = lambda y, bias: fa.fused_attention_qkv(y, bias, jnp.asarray(m), dropout_rate=0.2, dropout_seed=jnp.uint32(5),
+                                            interpret=True)
+run_p = jax.jit(lambda y, bias: (fp(y, bias), jax.grad(lambda y, bias: (fp(y, bias) ** 2).sum(), (0, 1))(y, bias)))
+ref_p = run_p(y, bias)
 mesh = partitioning.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices())
 with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.RULES):
   sh = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
   args = [jax.device_put(x, sh) for x in (q, k, v)]
   out = run(*args)
   hlo = run.lower(*args).compile().as_text()
+  yd = jax.device_put(y, NamedSharding(mesh, P(("data", "fsdp"), None, None, "tensor", None)))
+  out_p = run_p(yd, bias)
+  hlo_p = run_p.lower(yd, bias).compile().as_text()
 print("RESULT", float(jnp.abs(out[0] - ref[0]).max()), float(jnp.abs(out[1] - ref[1]).max()),
       out[0].sharding.spec == sh.spec, "all-gather" in hlo)
+print("PACKED", float(jnp.abs(out_p[0] - ref_p[0]).max()),
+      max(float(jnp.abs(a - b).max() / jnp.abs(b).max()) for a, b in zip(out_p[1], ref_p[1])),  # relative
+      out_p[0].sharding.is_equivalent_to(sh, 4), "all-gather" in hlo_p)
 '''
 
 
 def test_kernel_runs_per_shard_on_a_mesh():
-  """On a (data 2, fsdp 2, tensor 2) mesh the kernel runs under shard_map on each device's
-  (batch, head) block: same values and q-gradient as one device, output left sharded, no gathers."""
+  """On a (data 2, fsdp 2, tensor 2) mesh the kernels run under shard_map on each device's
+  (batch, head) block: same values and gradients as one device, output left sharded, no gathers."""
   import os, pathlib, subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
   repo = pathlib.Path(__file__).resolve().parents[1]
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": str(repo)}
   r = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], capture_output=True, text=True, env=env,
                      cwd=repo, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
-  d_out, d_grad, sharded, gathers = r.stdout.split("RESULT", 1)[1].split()
-  assert float(d_out) <= 1e-6 and float(d_grad) <= 1e-5
-  assert sharded == "True" and gathers == "False"
+  # The split-input kernel (q-gradient max|diff|); the packed q/k/v one (y and bias gradients, relative
+  # to their largest entry: the bias gradient sums 128 rows, so float32 summation order shows).
+  for tag in ("RESULT", "PACKED"):
+    d_out, d_grad, sharded, gathers = r.stdout.split(tag, 1)[1].split()[:4]
+    assert float(d_out) <= 1e-6 and float(d_grad) <= 1e-5, tag
+    assert sharded == "True" and gathers == "False", tag

@@ -79,8 +79,8 @@ def _scores(q, k, valid, scale):
   return jnp.where(valid[None, :], s, _NEG)
 
 
-def _fwd_kernel(keys_ref, mask_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, rate):
-  q, k, v = q_ref[...], k_ref[...], v_ref[...]
+def _fwd_block(keys_ref, mask_ref, q, k, v, o_ref, lse_ref, scale, rate):
+  """Forward of one (batch, head) block from its q [L, H], k, v [S, H] values."""
   s = _scores(q, k, mask_ref[...] != 0, scale)
   m = jnp.max(s, axis=1)
   p = jnp.exp(s - m[:, None])
@@ -92,9 +92,8 @@ def _fwd_kernel(keys_ref, mask_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scal
   o_ref[...] = _mm(p.astype(v.dtype), v, 1, 0).astype(o_ref.dtype)
 
 
-def _bwd_kernel(keys_ref, mask_ref, q_ref, k_ref, v_ref, lse_ref, do_ref, dq_ref, dk_ref, dv_ref, *,
-                scale, rate):
-  q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+def _bwd_block(keys_ref, mask_ref, q, k, v, lse_ref, do, scale, rate):
+  """(dq, dk, dv) in float32 of one (batch, head) block, recomputing the probabilities."""
   s = _scores(q, k, mask_ref[...] != 0, scale)
   p = jnp.exp(s - lse_ref[...][:, None])
   dp = _mm(do, v, 1, 1)  # d(dropped probabilities)
@@ -104,10 +103,20 @@ def _bwd_kernel(keys_ref, mask_ref, q_ref, k_ref, v_ref, lse_ref, do_ref, dq_ref
     inv = 1.0 / (1.0 - rate)
     pd = jnp.where(keep, p * inv, 0.0)
     dp = jnp.where(keep, dp * inv, 0.0)
-  dv_ref[...] = _mm(pd.astype(do.dtype), do, 0, 0).astype(dv_ref.dtype)
+  dv = _mm(pd.astype(do.dtype), do, 0, 0)
   ds = p * (dp - jnp.sum(p * dp, axis=1)[:, None])
-  dq_ref[...] = (_mm(ds.astype(k.dtype), k, 1, 0) * scale).astype(dq_ref.dtype)
-  dk_ref[...] = (_mm(ds.astype(q.dtype), q, 0, 0) * scale).astype(dk_ref.dtype)
+  return _mm(ds.astype(k.dtype), k, 1, 0) * scale, _mm(ds.astype(q.dtype), q, 0, 0) * scale, dv
+
+
+def _fwd_kernel(keys_ref, mask_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, rate):
+  _fwd_block(keys_ref, mask_ref, q_ref[...], k_ref[...], v_ref[...], o_ref, lse_ref, scale, rate)
+
+
+def _bwd_kernel(keys_ref, mask_ref, q_ref, k_ref, v_ref, lse_ref, do_ref, dq_ref, dk_ref, dv_ref, *,
+                scale, rate):
+  grads = _bwd_block(keys_ref, mask_ref, q_ref[...], k_ref[...], v_ref[...], lse_ref, do_ref[...], scale, rate)
+  for ref, g in zip((dq_ref, dk_ref, dv_ref), grads):
+    ref[...] = g.astype(ref.dtype)
 
 
 def _specs(b_l_n_h: tuple[int, ...], kv_len: int):
@@ -172,6 +181,17 @@ def _attention_bwd(rate, scale, interpret, res, do):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def _mask_and_keys(key_mask, batch: int, kv_len: int, heads: int, rate: float, seed):
+  """int32 [B, S] key mask and uint32 [B, N] dropout keys for the kernels."""
+  mask = jnp.ones((batch, kv_len), jnp.int32) if key_mask is None else \
+      jnp.broadcast_to(key_mask, (batch, kv_len)).astype(jnp.int32)
+  if rate > 0:
+    if seed is None:
+      raise ValueError("dropout_rate > 0 needs a dropout_seed")
+    return mask, head_keys(seed, batch, heads)
+  return mask, jnp.zeros((batch, heads), jnp.uint32)
+
+
 def fused_attention(q: Array, k: Array, v: Array, key_mask: Array | None, *, dropout_rate: float = 0.0,
                     dropout_seed: Array | None = None, interpret: bool = False) -> Array:
   """Softmax(q k^T / sqrt(H), masked) with dropout, times v.
@@ -186,14 +206,7 @@ def fused_attention(q: Array, k: Array, v: Array, key_mask: Array | None, *, dro
     [B, L, N, H] in q.dtype.
   """
   b, _, n, h = q.shape
-  mask = jnp.ones((b, k.shape[1]), jnp.int32) if key_mask is None else \
-      jnp.broadcast_to(key_mask, (b, k.shape[1])).astype(jnp.int32)
-  if dropout_rate > 0:
-    if dropout_seed is None:
-      raise ValueError("dropout_rate > 0 needs a dropout_seed")
-    keys = head_keys(dropout_seed, b, n)
-  else:
-    keys = jnp.zeros((b, n), jnp.uint32)
+  mask, keys = _mask_and_keys(key_mask, b, k.shape[1], n, dropout_rate, dropout_seed)
   rate, scale = float(dropout_rate), float(h) ** -0.5
   fn = lambda q, k, v, mask, keys: _attention(q, k, v, mask, keys, rate, scale, bool(interpret))
   specs = mesh_specs(b, n)
@@ -201,6 +214,139 @@ def fused_attention(q: Array, k: Array, v: Array, key_mask: Array | None, *, dro
     mesh, bn, bs, bh = specs
     fn = jax.shard_map(fn, mesh=mesh, in_specs=(bn, bn, bn, bs, bh), out_specs=bn, check_vma=False)
   return fn(q, k, v, mask, keys)
+
+
+# ----------------------------------------------------------------------------- packed q/k/v input
+# Self-attention reads q, k, v straight from the fused projection's output y [B, L, 3, N, H] and adds
+# the biases itself; its backward writes dy in that packed layout and the bias gradients as
+# per-batch-row partial sums. This removes the forward pass over y that added the biases and split
+# q, k, v (a copy of every projection output) and the backward pass that stacked dq, dk, dv back
+# together and reduced them for the bias gradient.
+def supported_packed(y: Array) -> bool:
+  """y [B, L, 3, N, H] the packed kernels take (see `supported`)."""
+  if y.ndim != 5 or y.shape[2] != 3:
+    return False
+  part = jax.ShapeDtypeStruct((*y.shape[:2], *y.shape[3:]), y.dtype)
+  return supported(part, part)
+
+
+def _packed_specs(shape: tuple[int, ...]):
+  from jax.experimental import pallas as pl  # pylint: disable=import-outside-toplevel
+  _, length, _, _, h = shape
+  part = lambda j: pl.BlockSpec((None, length, None, None, h), lambda b, n: (b, 0, j, n, 0))
+  bias = lambda j: pl.BlockSpec((None, None, h), lambda b, n: (j, n, 0))
+  return dict(qkv=[part(j) for j in range(3)], bias=[bias(j) for j in range(3)],
+              bias_grad=pl.BlockSpec((None, None, h), lambda b, n: (b, n, 0)),
+              whole=pl.BlockSpec(memory_space=pl.ANY))
+
+
+def _packed_values(q_ref, k_ref, v_ref, bq_ref, bk_ref, bv_ref):
+  """q, k, v of the block with their biases added (in the input dtype, as `y + bias` outside)."""
+  return tuple(r[...] + b[...][None, :] for r, b in ((q_ref, bq_ref), (k_ref, bk_ref), (v_ref, bv_ref)))
+
+
+def _fwd_packed_kernel(keys_ref, mask_ref, q_ref, k_ref, v_ref, bq_ref, bk_ref, bv_ref, o_ref, lse_ref, *,
+                       scale, rate):
+  q, k, v = _packed_values(q_ref, k_ref, v_ref, bq_ref, bk_ref, bv_ref)
+  _fwd_block(keys_ref, mask_ref, q, k, v, o_ref, lse_ref, scale, rate)
+
+
+def _bwd_packed_kernel(keys_ref, mask_ref, q_ref, k_ref, v_ref, bq_ref, bk_ref, bv_ref, lse_ref, do_ref,
+                       dy_ref, dbq_ref, dbk_ref, dbv_ref, *, scale, rate):
+  from jax.experimental import pallas as pl  # pylint: disable=import-outside-toplevel
+  q, k, v = _packed_values(q_ref, k_ref, v_ref, bq_ref, bk_ref, bv_ref)
+  grads = _bwd_block(keys_ref, mask_ref, q, k, v, lse_ref, do_ref[...], scale, rate)
+  b, n = pl.program_id(0), pl.program_id(1)
+  for j, (g, db_ref) in enumerate(zip(grads, (dbq_ref, dbk_ref, dbv_ref))):
+    g = g.astype(dy_ref.dtype)
+    dy_ref[b, :, j, n, :] = g  # dy is the whole array: three [L, H] tiles of it per program
+    db_ref[...] = jnp.sum(g.astype(jnp.float32), axis=0)
+
+
+def _shard(fn, in_specs, out_specs, batch: int, heads: int):
+  """`fn` under `shard_map` over the active mesh's (batch, head) shards (see `mesh_specs`); as is
+  when there is no mesh to split over. Specs are strings over b (batch), n (heads) and . (none)."""
+  specs = mesh_specs(batch, heads)
+  if specs is None:
+    return fn
+  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
+  mesh, bn, _, _ = specs
+  axis = {"b": bn[0], "n": bn[2], ".": None}
+  to_spec = lambda t: P(*(axis[c] for c in t))
+  return jax.shard_map(fn, mesh=mesh, in_specs=tuple(map(to_spec, in_specs)),
+                       out_specs=tuple(map(to_spec, out_specs)), check_vma=False)
+
+
+def _forward_packed(y, bias, mask, keys, rate, scale, interpret):
+  from jax.experimental import pallas as pl  # pylint: disable=import-outside-toplevel
+
+  def call(y, bias, mask, keys):
+    b, length, _, n, h = y.shape
+    sp, base = _packed_specs(y.shape), _specs((b, length, n, h), length)
+    return tuple(pl.pallas_call(
+        functools.partial(_fwd_packed_kernel, scale=scale, rate=rate),
+        grid=(b, n),
+        in_specs=[base["keys"], base["mask"], *sp["qkv"], *sp["bias"]],
+        out_specs=[base["q"], base["lse"]],
+        out_shape=[jax.ShapeDtypeStruct((b, length, n, h), y.dtype),
+                   jax.ShapeDtypeStruct((b, n, length), jnp.float32)],
+        compiler_params=_compiler_params(interpret), interpret=interpret, name="fused_attention_qkv_fwd",
+    )(keys, mask, y, y, y, bias, bias, bias))
+
+  b, _, _, n, _ = y.shape
+  return _shard(call, ("b..n.", ".n.", "b.", "bn"), ("b.n.", "bn."), b, n)(y, bias, mask, keys)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _attention_packed(y, bias, mask, keys, rate, scale, interpret):  # rate, scale, interpret: static
+  return _forward_packed(y, bias, mask, keys, rate, scale, interpret)[0]
+
+
+def _attention_packed_fwd(y, bias, mask, keys, rate, scale, interpret):
+  o, lse = _forward_packed(y, bias, mask, keys, rate, scale, interpret)
+  return o, (y, bias, mask, keys, lse)
+
+
+def _attention_packed_bwd(rate, scale, interpret, res, do):
+  from jax.experimental import pallas as pl  # pylint: disable=import-outside-toplevel
+  y, bias, mask, keys, lse = res
+
+  def call(y, bias, mask, keys, lse, do):
+    b, length, _, n, h = y.shape
+    sp, base = _packed_specs(y.shape), _specs((b, length, n, h), length)
+    return tuple(pl.pallas_call(
+        functools.partial(_bwd_packed_kernel, scale=scale, rate=rate),
+        grid=(b, n),
+        in_specs=[base["keys"], base["mask"], *sp["qkv"], *sp["bias"], base["lse"], base["q"]],
+        out_specs=[sp["whole"]] + [sp["bias_grad"]] * 3,
+        out_shape=[jax.ShapeDtypeStruct(y.shape, y.dtype)] + [jax.ShapeDtypeStruct((b, n, h), jnp.float32)] * 3,
+        compiler_params=_compiler_params(interpret), interpret=interpret, name="fused_attention_qkv_bwd",
+    )(keys, mask, y, y, y, bias, bias, bias, lse, do))
+
+  b, _, _, n, _ = y.shape
+  dy, *db = _shard(call, ("b..n.", ".n.", "b.", "bn", "bn.", "b.n."), ("b..n.", "bn.", "bn.", "bn."),
+                   b, n)(y, bias, mask, keys, lse, do.astype(y.dtype))
+  return dy, jnp.stack([d.sum(0) for d in db]).astype(bias.dtype), None, None
+
+
+_attention_packed.defvjp(_attention_packed_fwd, _attention_packed_bwd)
+
+
+def fused_attention_qkv(y: Array, bias: Array | None, key_mask: Array | None, *, dropout_rate: float = 0.0,
+                        dropout_seed: Array | None = None, interpret: bool = False) -> Array:
+  """`fused_attention` of q, k, v = y[:, :, j] + bias[j] (j = 0, 1, 2), read from the packed y.
+
+  Args:
+    y: [B, L, 3, N, H], the fused q/k/v projection without its biases.
+    bias: [3, N, H] or None.
+    key_mask, dropout_rate, dropout_seed, interpret: as `fused_attention`.
+  Returns:
+    [B, L, N, H] in y.dtype (the same values as `fused_attention` of the biased slices).
+  """
+  b, length, _, n, h = y.shape
+  bias = jnp.zeros((3, n, h), y.dtype) if bias is None else bias.astype(y.dtype)
+  mask, keys = _mask_and_keys(key_mask, b, length, n, dropout_rate, dropout_seed)
+  return _attention_packed(y, bias, mask, keys, float(dropout_rate), float(h) ** -0.5, bool(interpret))
 
 
 def mesh_specs(batch: int, heads: int):

@@ -322,7 +322,7 @@ class Dropout(nn.Module):
     return dropout(self.make_rng("dropout"), x, self.rate)
 
 
-ATTENTION_IMPLS = ("auto", "xla", "fused", "fused_interpret")
+ATTENTION_IMPLS = ("auto", "xla", "fused", "fused_interpret", "fused_qkv", "fused_qkv_interpret")
 
 
 def attention_bias_from_mask(mask: Array | None, causal_length: int | None = None) -> Array | None:
@@ -347,7 +347,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, *,
     dropout_rate, dropout_rng: dropout on the probabilities (rate 0 or rng None = none).
     implementation: "xla"; "fused" = the Pallas kernel of `fused_attention` when it takes the
       shapes (a key-padding mask, lengths 16-256), else "xla"; "auto" = "fused" on GPU for 16-bit
-      inputs; "fused_interpret" = the kernel in the Pallas interpreter (tests).
+      inputs; "fused_interpret" = the kernel in the Pallas interpreter (tests). "fused_qkv[_interpret]"
+      is "fused[_interpret]" here; `Attention` reads q/k/v packed with it (`fused_attention_qkv`).
   Returns:
     [B, L, N, H] in q.dtype.
 
@@ -359,15 +360,15 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, *,
   if implementation not in ATTENTION_IMPLS:
     raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}, got {implementation!r}")
   rate = float(dropout_rate) if dropout_rng is not None else 0.0
-  if implementation != "xla" and (mask is None or (mask.ndim == 4 and mask.shape[1:3] == (1, 1))):
+  implementation = implementation.replace("fused_qkv", "fused")
+  if implementation != "xla" and is_key_padding(mask):
     from mmret_jax.models import fused_attention  # pylint: disable=import-outside-toplevel
     interpret = implementation == "fused_interpret"
     if interpret or (fused_attention.supported(q, k)
                      and (implementation == "fused" or jax.default_backend() == "gpu")):
-      seed = jax.random.bits(dropout_rng, (), jnp.uint32) if rate > 0 else None
       return fused_attention.fused_attention(
-          q, k, v, None if mask is None else mask[:, 0, 0, :], dropout_rate=rate, dropout_seed=seed,
-          interpret=interpret)
+          q, k, v, None if mask is None else mask[:, 0, 0, :], dropout_rate=rate,
+          dropout_seed=_kernel_seed(dropout_rng, rate), interpret=interpret)
   scale = q.shape[-1] ** -0.5
   q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, N, L|S, H]
   logits = jnp.einsum("bnlh,bnsh->bnls", q, k).astype(jnp.float32) * scale
@@ -379,17 +380,34 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, *,
   return jnp.einsum("bnls,bnsh->bnlh", probs.astype(v.dtype), v).transpose(0, 2, 1, 3)
 
 
-def fused_projections(denses: Sequence["Dense"], x: Array) -> list[Array]:
-  """[dense(x) for dense in denses] as one matmul against the stacked kernels [D, P, F]: one read of
-  x and one larger GEMM instead of P (and one input gradient instead of P summed). Stacking on a
-  new axis keeps each kernel's sharding (the F axis stays where it was)."""
-  if len(denses) == 1:
-    return [denses[0](x)]
+def is_key_padding(mask: Array | None) -> bool:
+  """None or a [B|1, 1, 1, S] key-padding mask: the masks the fused kernels take."""
+  return mask is None or (mask.ndim == 4 and mask.shape[1:3] == (1, 1))
+
+
+def _kernel_seed(rng: Array | None, rate: float) -> Array | None:
+  """The fused kernels' uint32 dropout seed, drawn from the module's dropout key."""
+  return jax.random.bits(rng, (), jnp.uint32) if rate > 0 else None
+
+
+def packed_projection(denses: Sequence["Dense"], x: Array) -> tuple[Array, Array | None]:
+  """(x @ the stacked kernels [D, P, F] -> [..., P, F], the stacked biases [P, F] or None): P
+  projections of one input as one matmul, biases not yet added. Stacking on a new axis keeps each
+  kernel's sharding (the F axis stays where it was)."""
   ws = [d(x, weights_only=True) for d in denses]
   kernel = jnp.stack([w for w, _ in ws], axis=1)
   y = jnp.einsum("...d,dpf->...pf", x.astype(denses[0].dtype), kernel)
-  if ws[0][1] is not None:
-    y = y + jnp.stack([b for _, b in ws])
+  return y, (jnp.stack([b for _, b in ws]) if ws[0][1] is not None else None)
+
+
+def fused_projections(denses: Sequence["Dense"], x: Array) -> list[Array]:
+  """[dense(x) for dense in denses] as one matmul (`packed_projection`): one read of x and one
+  larger GEMM instead of P (and one input gradient instead of P summed)."""
+  if len(denses) == 1:
+    return [denses[0](x)]
+  y, bias = packed_projection(denses, x)
+  if bias is not None:
+    y = y + bias
   return [y[..., i, :] for i in range(len(denses))]
 
 
@@ -419,15 +437,43 @@ class Attention(nn.Module):
       raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
     dense = lambda name: Dense(self.hidden_size, ("embed", "heads"), use_bias=self.use_bias, dtype=self.dtype,
                                param_dtype=self.param_dtype, init_std=self.init_std, name=name)
+    rng = self.make_rng("dropout") if self.dropout_rate > 0 and not deterministic else None
+    if kv is None and self._packed_kernel_takes(x, mask):
+      return self._output(self._packed_self_attention([dense(n) for n in self.names], x, mask, rng), x)
     if kv is None:  # self-attention: q, k, v in one matmul
       q, k, v = fused_projections([dense(n) for n in self.names], x)
     else:  # k, v of the same states in one matmul
       q, = fused_projections([dense(self.names[0])], x)
       k, v = fused_projections([dense(n) for n in self.names[1:]], kv)
     q, k, v = (split_heads(t, self.num_heads) for t in (q, k, v))
-    rng = self.make_rng("dropout") if self.dropout_rate > 0 and not deterministic else None
-    out = merge_heads(dot_product_attention(q, k, v, mask, dropout_rate=self.dropout_rate, dropout_rng=rng,
-                                            implementation=self.implementation))
+    out = dot_product_attention(q, k, v, mask, dropout_rate=self.dropout_rate, dropout_rng=rng,
+                                implementation=self.implementation)
+    return self._output(out, x)
+
+  def _packed_kernel_takes(self, x: Array, mask: Array | None) -> bool:
+    """Whether self-attention runs `fused_attention_qkv` (implementation "fused_qkv[_interpret]")."""
+    if not (self.implementation.startswith("fused_qkv") and is_key_padding(mask) and x.ndim == 3):
+      return False
+    from mmret_jax.models import fused_attention  # pylint: disable=import-outside-toplevel
+    heads = self.num_heads
+    y = jax.ShapeDtypeStruct((*x.shape[:2], 3, heads, self.hidden_size // heads), self.dtype)
+    return self.implementation.endswith("_interpret") or fused_attention.supported_packed(y)
+
+  def _packed_self_attention(self, denses, x: Array, mask: Array | None, rng: Array | None) -> Array:
+    """Self-attention by `fused_attention_qkv` on the packed projection -> [B, L, N, H]."""
+    from mmret_jax.models import fused_attention  # pylint: disable=import-outside-toplevel
+    y, bias = packed_projection(denses, x)
+    heads = self.num_heads
+    y = y.reshape(*y.shape[:-1], heads, y.shape[-1] // heads)  # [B, L, 3, N, H]
+    interpret = self.implementation.endswith("_interpret")
+    rate = float(self.dropout_rate) if rng is not None else 0.0
+    return fused_attention.fused_attention_qkv(
+        y, None if bias is None else bias.reshape(3, heads, -1), None if mask is None else mask[:, 0, 0, :],
+        dropout_rate=rate, dropout_seed=_kernel_seed(rng, rate), interpret=interpret)
+
+  def _output(self, out: Array, x: Array) -> Array:
+    """[B, L, N, H] -> [B, L, D], through the output projection when the module has one."""
+    out = merge_heads(out)
     if self.out_name is not None:
       out = Dense(x.shape[-1], ("heads", "embed"), use_bias=self.use_bias, dtype=self.dtype,
                   param_dtype=self.param_dtype, init_std=self.init_std, name=self.out_name)(out)
