@@ -13,8 +13,8 @@ reference attention under the very same mask. The per-(batch, head) keys come fr
 `dropout` RNG stream, so masks change every step and replay exactly on resume.
 
 Under a multi-device mesh (the training loop's `jax.set_mesh` plus flax's logical axis rules) the
-kernels run inside `shard_map`, each device on its own batch / head shard; XLA cannot partition a
-Pallas call itself and would gather q, k, v onto every device.
+kernels run inside `shard_map` (`pallas_util.shard_kernel`), each device on its own batch / head
+shard; XLA cannot partition a Pallas call itself and would gather q, k, v onto every device.
 
 `layers.dot_product_attention` uses this path when `implementation="fused"`, or with "auto" on a
 GPU for bfloat16 / float16 inputs of supported shapes (`supported`); float32 and CPU runs keep the
@@ -27,9 +27,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from mmret_jax.models import layers
+from mmret_jax.models import layers, pallas_util
 
 Array = jax.Array
 
@@ -130,13 +129,6 @@ def _specs(b_l_n_h: tuple[int, ...], kv_len: int):
       lse=pl.BlockSpec((None, None, q_len), lambda b, n: (b, n, 0)))
 
 
-def _compiler_params(interpret: bool):
-  if interpret:
-    return None
-  from jax.experimental.pallas import triton as plgpu  # pylint: disable=import-outside-toplevel
-  return plgpu.CompilerParams(num_warps=4, num_stages=1)
-
-
 def _forward(q, k, v, mask, keys, rate, scale, interpret):
   from jax.experimental import pallas as pl  # pylint: disable=import-outside-toplevel
   b, q_len, n, _ = q.shape
@@ -147,7 +139,7 @@ def _forward(q, k, v, mask, keys, rate, scale, interpret):
       in_specs=[sp["keys"], sp["mask"], sp["q"], sp["kv"], sp["kv"]],
       out_specs=[sp["q"], sp["lse"]],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, q_len), jnp.float32)],
-      compiler_params=_compiler_params(interpret), interpret=interpret, name="fused_attention_fwd",
+      compiler_params=pallas_util.compiler_params(interpret), interpret=interpret, name="fused_attention_fwd",
   )(keys, mask, q, k, v)
   return o, lse
 
@@ -173,7 +165,7 @@ def _attention_bwd(rate, scale, interpret, res, do):
       in_specs=[sp["keys"], sp["mask"], sp["q"], sp["kv"], sp["kv"], sp["lse"], sp["q"]],
       out_specs=[sp["q"], sp["kv"], sp["kv"]],
       out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)],
-      compiler_params=_compiler_params(interpret), interpret=interpret, name="fused_attention_bwd",
+      compiler_params=pallas_util.compiler_params(interpret), interpret=interpret, name="fused_attention_bwd",
   )(keys, mask, q, k, v, lse, do.astype(q.dtype))
   return dq, dk, dv, None, None
 
@@ -208,12 +200,10 @@ def fused_attention(q: Array, k: Array, v: Array, key_mask: Array | None, *, dro
   b, _, n, h = q.shape
   mask, keys = _mask_and_keys(key_mask, b, k.shape[1], n, dropout_rate, dropout_seed)
   rate, scale = float(dropout_rate), float(h) ** -0.5
-  fn = lambda q, k, v, mask, keys: _attention(q, k, v, mask, keys, rate, scale, bool(interpret))
-  specs = mesh_specs(b, n)
-  if specs is not None:  # one kernel per device on its (batch, head) shard: XLA cannot split it
-    mesh, bn, bs, bh = specs
-    fn = jax.shard_map(fn, mesh=mesh, in_specs=(bn, bn, bn, bs, bh), out_specs=bn, check_vma=False)
-  return fn(q, k, v, mask, keys)
+  fn = lambda q, k, v, mask, keys: (_attention(q, k, v, mask, keys, rate, scale, bool(interpret)),)
+  # one kernel per device on its (batch, head) shard: XLA cannot split it
+  fn = pallas_util.shard_kernel(fn, ("b.n.",) * 3 + ("b.", "bn"), ("b.n.",), {"b": b, "n": n})
+  return fn(q, k, v, mask, keys)[0]
 
 
 # ----------------------------------------------------------------------------- packed q/k/v input
@@ -263,20 +253,6 @@ def _bwd_packed_kernel(keys_ref, mask_ref, q_ref, k_ref, v_ref, bq_ref, bk_ref, 
     db_ref[...] = jnp.sum(g.astype(jnp.float32), axis=0)
 
 
-def _shard(fn, in_specs, out_specs, batch: int, heads: int):
-  """`fn` under `shard_map` over the active mesh's (batch, head) shards (see `mesh_specs`); as is
-  when there is no mesh to split over. Specs are strings over b (batch), n (heads) and . (none)."""
-  specs = mesh_specs(batch, heads)
-  if specs is None:
-    return fn
-  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
-  mesh, bn, _, _ = specs
-  axis = {"b": bn[0], "n": bn[2], ".": None}
-  to_spec = lambda t: P(*(axis[c] for c in t))
-  return jax.shard_map(fn, mesh=mesh, in_specs=tuple(map(to_spec, in_specs)),
-                       out_specs=tuple(map(to_spec, out_specs)), check_vma=False)
-
-
 def _forward_packed(y, bias, mask, keys, rate, scale, interpret):
   from jax.experimental import pallas as pl  # pylint: disable=import-outside-toplevel
 
@@ -290,11 +266,12 @@ def _forward_packed(y, bias, mask, keys, rate, scale, interpret):
         out_specs=[base["q"], base["lse"]],
         out_shape=[jax.ShapeDtypeStruct((b, length, n, h), y.dtype),
                    jax.ShapeDtypeStruct((b, n, length), jnp.float32)],
-        compiler_params=_compiler_params(interpret), interpret=interpret, name="fused_attention_qkv_fwd",
+        compiler_params=pallas_util.compiler_params(interpret), interpret=interpret, name="fused_attention_qkv_fwd",
     )(keys, mask, y, y, y, bias, bias, bias))
 
   b, _, _, n, _ = y.shape
-  return _shard(call, ("b..n.", ".n.", "b.", "bn"), ("b.n.", "bn."), b, n)(y, bias, mask, keys)
+  return pallas_util.shard_kernel(call, ("b..n.", ".n.", "b.", "bn"), ("b.n.", "bn."), {"b": b, "n": n})(
+      y, bias, mask, keys)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -320,12 +297,13 @@ def _attention_packed_bwd(rate, scale, interpret, res, do):
         in_specs=[base["keys"], base["mask"], *sp["qkv"], *sp["bias"], base["lse"], base["q"]],
         out_specs=[sp["whole"]] + [sp["bias_grad"]] * 3,
         out_shape=[jax.ShapeDtypeStruct(y.shape, y.dtype)] + [jax.ShapeDtypeStruct((b, n, h), jnp.float32)] * 3,
-        compiler_params=_compiler_params(interpret), interpret=interpret, name="fused_attention_qkv_bwd",
+        compiler_params=pallas_util.compiler_params(interpret), interpret=interpret, name="fused_attention_qkv_bwd",
     )(keys, mask, y, y, y, bias, bias, bias, lse, do))
 
   b, _, _, n, _ = y.shape
-  dy, *db = _shard(call, ("b..n.", ".n.", "b.", "bn", "bn.", "b.n."), ("b..n.", "bn.", "bn.", "bn."),
-                   b, n)(y, bias, mask, keys, lse, do.astype(y.dtype))
+  dy, *db = pallas_util.shard_kernel(call, ("b..n.", ".n.", "b.", "bn", "bn.", "b.n."),
+                                     ("b..n.", "bn.", "bn.", "bn."), {"b": b, "n": n})(
+                                         y, bias, mask, keys, lse, do.astype(y.dtype))
   return dy, jnp.stack([d.sum(0) for d in db]).astype(bias.dtype), None, None
 
 
@@ -347,24 +325,3 @@ def fused_attention_qkv(y: Array, bias: Array | None, key_mask: Array | None, *,
   bias = jnp.zeros((3, n, h), y.dtype) if bias is None else bias.astype(y.dtype)
   mask, keys = _mask_and_keys(key_mask, b, length, n, dropout_rate, dropout_seed)
   return _attention_packed(y, bias, mask, keys, float(dropout_rate), float(h) ** -0.5, bool(interpret))
-
-
-def mesh_specs(batch: int, heads: int):
-  """(mesh, spec of [B, L, N, H], of [B, S], of [B, N]) for running the kernel under `shard_map`
-  when a multi-device mesh is active (`jax.set_mesh`) and flax's logical axis rules map `batch` /
-  `heads` onto it (the training loop sets both). None when there is nothing to split or the shard
-  counts do not divide batch / heads: the kernel then sees whole arrays (XLA gathers them)."""
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty or mesh.size == 1:
-    return None
-  b_axes, h_axes = nn.logical_to_mesh_axes(("batch", "heads"))
-  as_tuple = lambda a: () if a is None else (a,) if isinstance(a, str) else tuple(a)
-  b_axes = tuple(a for a in as_tuple(b_axes) if a in mesh.axis_names)
-  h_axes = tuple(a for a in as_tuple(h_axes) if a in mesh.axis_names)
-  size = lambda axes: int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-  if batch % size(b_axes) or heads % size(h_axes):
-    return None
-  b_spec, h_spec = (b_axes or None), (h_axes or None)
-  return mesh, P(b_spec, None, h_spec, None), P(b_spec, None), P(b_spec, h_spec)
