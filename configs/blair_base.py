@@ -32,8 +32,9 @@ def get_config(arg=None, *, preset="roberta-base", per_device_batch=384, num_dev
   c.checkpoint_every = 1000
   c.init_from = preset  # HF id (needs the hub or its cache) or a local dir
   # attention: auto (the fused Pallas kernel on GPU for bf16, XLA elsewhere) | xla | fused |
-  # fused_qkv (the kernel reading q/k/v packed from the fused projection; not yet timed on a GPU)
-  c.model = dict(preset=preset, dtype="bfloat16", remat=False, dropout=0.1, attention="auto")
+  # fused_qkv (the kernel reading q/k/v packed from the fused projection; not yet timed on a GPU).
+  # norm: xla | fused (bias + dropout + residual + LayerNorm in Pallas kernels; not yet timed on a GPU)
+  c.model = dict(preset=preset, dtype="bfloat16", remat=False, dropout=0.1, attention="auto", norm="xla")
   c.data = dict(train_file="clean_review_meta.tsv", valid_fraction=0.01, max_seq_length=64,
                 eval_batch_size=64, eval_max_pairs=20000, num_threads=8, prefetch=4)
   c.loss = dict(temp=0.05, pooler="cls", do_mlm=True, mlm_weight=0.1, mlm_probability=0.15,
@@ -50,7 +51,8 @@ def get_config(arg=None, *, preset="roberta-base", per_device_batch=384, num_dev
     c.tokenizer = "bpe:2000"
     # No dropout: from scratch, dropout noise on the CLS vector swamps the contrastive signal of a
     # width-64 model at init and the loss idles at log(batch) for hundreds of steps.
-    c.model = dict(preset="roberta-tiny", dtype="float32", remat=False, dropout=0.0, attention="auto")
+    c.model = dict(preset="roberta-tiny", dtype="float32", remat=False, dropout=0.0, attention="auto",
+                   norm="xla")
     c.data.train_file = sample_pairs()
     c.data.valid_fraction = 0.1
     c.data.max_seq_length = 48

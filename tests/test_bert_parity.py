@@ -225,16 +225,17 @@ def test_bf16_compute_close_to_torch_fp32(hf_dirs, case):
   assert _maxdiff(out["last_hidden_state"], ref.last_hidden_state) > 1e-4
 
 
-@pytest.mark.parametrize("impl", ["auto", "fused_interpret", "fused_qkv_interpret"])
-def test_bf16_fused_attention_close_to_torch_fp32(hf_dirs, impl):
+@pytest.mark.parametrize("impl,norm", [("auto", "xla"), ("fused_interpret", "xla"),
+                                       ("fused_qkv_interpret", "fused_interpret")])
+def test_bf16_fused_attention_close_to_torch_fp32(hf_dirs, impl, norm):
   """Lengths and head size the fused kernel takes (32 tokens, head dim 16): "auto" is the Triton
   kernel on a GPU and XLA on CPU; "fused_interpret" is the kernel in the Pallas interpreter, and
-  "fused_qkv_interpret" its packed-q/k/v form."""
+  "fused_qkv_interpret" its packed-q/k/v form, here with the fused residual + LayerNorm kernels."""
   import dataclasses  # pylint: disable=import-outside-toplevel
   path, tmodel, _ = hf_dirs("roberta-h48-3heads-3layers")
   cfg = tmodel.config
   model, params, _ = _load(path, dtype=jnp.bfloat16)
-  model = model.clone(config=dataclasses.replace(model.config, attention_impl=impl))
+  model = model.clone(config=dataclasses.replace(model.config, attention_impl=impl, norm_impl=norm))
   inputs = _inputs("roberta", cfg.vocab_size, cfg.pad_token_id, lengths=(32, 20, 9))
   ref = _torch_run(tmodel, inputs).last_hidden_state
   out = _ours_run(model, params, inputs)["last_hidden_state"]

@@ -47,8 +47,10 @@ class BertConfig:
   is_decoder: bool = False  # causal self-attention (BLIP text decoder / HF decoder mode)
   add_cross_attention: bool = False
   encoder_width: int | None = None  # width of cross-attended states (BLIP); None = hidden_size
-  # Not a model property (never exported): the attention kernel, see layers.dot_product_attention.
+  # Not model properties (never exported): the attention kernel (layers.dot_product_attention) and
+  # the residual + LayerNorm kernels (layers.ResidualPostLN).
   attention_impl: str = "auto"
+  norm_impl: str = "xla"
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "BertConfig":
@@ -64,9 +66,10 @@ class BertConfig:
     return cls(**kw)
 
   def to_dict(self) -> dict[str, Any]:
-    """HF config fields (the runtime-only `attention_impl` left out)."""
+    """HF config fields (the runtime-only `attention_impl`, `norm_impl` left out)."""
     d = dataclasses.asdict(self)
     d.pop("attention_impl")
+    d.pop("norm_impl")
     return d
 
   @property
@@ -142,8 +145,8 @@ class BertAttentionBlock(nn.Module):
     ctx = layers.Attention(c.num_attention_heads, c.hidden_size, dropout_rate=c.attention_probs_dropout_prob,
                            implementation=c.attention_impl, name="self", **kw)(
                                x, kv, mask, deterministic)
-    return layers.ResidualPostLN(c.hidden_size, epsilon=c.layer_norm_eps,
-                                 dropout_rate=c.hidden_dropout_prob, name="output", **kw)(
+    return layers.ResidualPostLN(c.hidden_size, epsilon=c.layer_norm_eps, dropout_rate=c.hidden_dropout_prob,
+                                 implementation=c.norm_impl, name="output", **kw)(
                                      ctx, x, deterministic)
 
 
@@ -173,7 +176,8 @@ class BertLayer(nn.Module):
           h, encoder_hidden_states, encoder_mask, deterministic)
     inter = layers.DenseAct(c.intermediate_size, c.hidden_act, name="intermediate", **lkw)(h)
     out = layers.ResidualPostLN(c.hidden_size, in_axis="mlp", epsilon=c.layer_norm_eps,
-                                dropout_rate=c.hidden_dropout_prob, name="output", **lkw)(
+                                dropout_rate=c.hidden_dropout_prob, implementation=c.norm_impl,
+                                name="output", **lkw)(
                                     inter, h, deterministic)
     return layers.constrain(out, ("batch", "length", "embed"))
 

@@ -157,12 +157,15 @@ class LayerNorm(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, *, weights_only: bool = False):
+    """LayerNorm(x); `weights_only`: (scale, bias), for callers that fuse the norm into a kernel."""
     d = x.shape[-1]
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
                        (d,), self.param_dtype)
     bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
                       (d,), self.param_dtype)
+    if weights_only:
+      return scale, bias
     return layer_norm(x, scale, bias, float(self.epsilon), jnp.dtype(self.dtype))
 
 
@@ -288,6 +291,11 @@ def hash_keep(index: Array, key: Array, rate: float) -> Array:
   return hash_uint32(index.astype(jnp.uint32) ^ key) >= jnp.uint32(threshold)
 
 
+def dropout_key(rng: Array) -> Array:
+  """The uint32 key `dropout` draws from its RNG."""
+  return jax.random.bits(rng, (), jnp.uint32)
+
+
 def dropout(rng: Array, x: Array, rate: float) -> Array:
   """Inverted dropout: zero each element with probability `rate`, scale the rest by 1 / (1 - rate).
 
@@ -301,7 +309,7 @@ def dropout(rng: Array, x: Array, rate: float) -> Array:
     return x
   if rate >= 1:
     return jnp.zeros_like(x)
-  key = jax.random.bits(rng, (), jnp.uint32)
+  key = dropout_key(rng)
   idx = jnp.zeros(x.shape, jnp.uint32)
   stride = 1
   for axis in reversed(range(x.ndim)):
@@ -316,10 +324,13 @@ class Dropout(nn.Module):
   rate: float
 
   @nn.compact
-  def __call__(self, x: Array, deterministic: bool = True) -> Array:
+  def __call__(self, x: Array, deterministic: bool = True, *, key_only: bool = False):
+    """dropout(x); `key_only`: the uint32 key `dropout` would hash with (None when inactive), for
+    kernels that apply the same mask themselves."""
     if deterministic or self.rate <= 0:
-      return x
-    return dropout(self.make_rng("dropout"), x, self.rate)
+      return None if key_only else x
+    rng = self.make_rng("dropout")
+    return dropout_key(rng) if key_only else dropout(rng, x, self.rate)
 
 
 ATTENTION_IMPLS = ("auto", "xla", "fused", "fused_interpret", "fused_qkv", "fused_qkv_interpret")
@@ -480,8 +491,16 @@ class Attention(nn.Module):
     return out
 
 
+NORM_IMPLS = ("xla", "fused", "fused_interpret")
+
+
 class ResidualPostLN(nn.Module):
-  """dense -> dropout -> LayerNorm(. + residual): HF BertSelfOutput / BertOutput."""
+  """dense -> dropout -> LayerNorm(. + residual): HF BertSelfOutput / BertOutput.
+
+  `implementation`: "xla"; "fused" = after the dense matmul, bias, dropout, residual and LayerNorm
+  (and their gradients) in the Pallas kernels of `fused_norm` when they take the shapes (16-bit,
+  hidden size a multiple of 16), else "xla"; "fused_interpret" = those kernels in the Pallas
+  interpreter (tests). Same params, same dropout mask."""
   features: int
   in_axis: str = "heads"
   epsilon: float = 1e-12
@@ -489,14 +508,29 @@ class ResidualPostLN(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   init_std: float = DEFAULT_INIT_STD
+  implementation: str = "xla"
 
   @nn.compact
   def __call__(self, x: Array, residual: Array, deterministic: bool = True) -> Array:
-    h = Dense(self.features, (self.in_axis, "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
-              init_std=self.init_std, name="dense")(x)
-    h = Dropout(self.dropout_rate)(h, deterministic=deterministic)
-    return LayerNorm(self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name="LayerNorm")(h + residual)
+    if self.implementation not in NORM_IMPLS:
+      raise ValueError(f"norm implementation must be one of {NORM_IMPLS}, got {self.implementation!r}")
+    dense = Dense(self.features, (self.in_axis, "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
+                  init_std=self.init_std, name="dense")
+    drop = Dropout(self.dropout_rate)
+    norm = LayerNorm(self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype, name="LayerNorm")
+    if self.implementation != "xla":
+      from mmret_jax.models import fused_norm  # pylint: disable=import-outside-toplevel
+      interpret = self.implementation == "fused_interpret"
+      out = jax.ShapeDtypeStruct((*x.shape[:-1], self.features), self.dtype)
+      if interpret or fused_norm.supported(out):
+        kernel, bias = dense(x, weights_only=True)
+        scale, beta = norm(residual, weights_only=True)
+        return fused_norm.residual_layer_norm(
+            jnp.einsum("...d,df->...f", x.astype(self.dtype), kernel), bias, residual, scale, beta,
+            epsilon=self.epsilon, dropout_rate=self.dropout_rate,
+            dropout_key=drop(x, deterministic, key_only=True), interpret=interpret)
+    h = drop(dense(x), deterministic=deterministic)
+    return norm(h + residual)
 
 
 class DenseAct(nn.Module):

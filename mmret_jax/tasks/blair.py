@@ -91,8 +91,12 @@ class BlairTask(Task):
     attention = c.model.get("attention", "auto")
     if attention not in layers.ATTENTION_IMPLS:
       raise ValueError(f"model.attention must be one of {layers.ATTENTION_IMPLS}, got {attention!r}")
+    norm = c.model.get("norm", "xla")
+    if norm not in layers.NORM_IMPLS:
+      raise ValueError(f"model.norm must be one of {layers.NORM_IMPLS}, got {norm!r}")
     self.model_config = dataclasses.replace(self.model_config, hidden_dropout_prob=dropout,
-                                            attention_probs_dropout_prob=dropout, attention_impl=attention)
+                                            attention_probs_dropout_prob=dropout, attention_impl=attention,
+                                            norm_impl=norm)
     if self.model_config.max_position_embeddings < c.data.max_seq_length + 2:
       raise ValueError(f"data.max_seq_length {c.data.max_seq_length} exceeds the model's positions")
     pooler = c.loss.pooler
