@@ -97,19 +97,12 @@ def main(argv=None) -> int:
   bench_common.apply_xla_flags(args.xla_flags)
 
   warnings.filterwarnings("ignore", category=DeprecationWarning)
-  import ast  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
   from mmret_jax.train import partitioning  # pylint: disable=import-outside-toplevel
   transformers.utils.logging.disable_progress_bar()
-  overrides = {}
-  for kv in args.set:
-    k, _, v = kv.partition("=")
-    try:
-      overrides[k] = ast.literal_eval(v)
-    except (ValueError, SyntaxError):
-      overrides[k] = v
+  overrides = ts.parse_overrides(args.set)
   ts.DROPOUT = args.dropout
   tmp = tempfile.TemporaryDirectory()
   hf_dir = pathlib.Path(tmp.name) / "hf"

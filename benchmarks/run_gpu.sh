@@ -19,6 +19,14 @@ for spec in ${GPU_SHAPES:-384x64 32x64}; do  # pairs x tokens
   python3 benchmarks/train_step.py --dtype bfloat16 --batch-size "$b" --seq-len "$l" --steps "${STEPS:-20}" \
     --warmup "${WARMUP:-5}" --rounds 1 --xla-cpu default 2>&1 | tee "$OUT/train_step_b${b}_l${l}.log"
 done
+# Opt-in kernels not yet timed (model.attention=fused_qkv, model.norm=fused): the JAX step alone at
+# the seed's batch for each variant ("+" joins overrides); compare with the JAX line above.
+for variant in ${GPU_VARIANTS-model.attention=fused_qkv model.norm=fused model.attention=fused_qkv+model.norm=fused}; do
+  sets=(); for kv in ${variant//+/ }; do sets+=(--set "$kv"); done
+  python3 benchmarks/train_step.py --dtype bfloat16 --batch-size 384 --seq-len 64 --steps "${STEPS:-20}" \
+    --warmup "${WARMUP:-5}" --rounds 1 --xla-cpu default --skip-torch "${sets[@]}" 2>&1 \
+    | tee "$OUT/train_step_b384_l64_${variant//[=.+]/_}.log"
+done
 if [ -n "${GPU_TESTS:-}" ]; then
   timeout "${GPU_TESTS_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider $GPU_TESTS 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
 fi

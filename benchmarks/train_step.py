@@ -228,13 +228,27 @@ def _steps(fn, warmup: int, steps: int, label: str) -> dict:
   return {"wall": wall, "cpu": cpu}
 
 
+def parse_overrides(pairs) -> dict:
+  """["model.attention=fused_qkv", "model.remat=True"] -> {key: Python literal or string}."""
+  import ast  # pylint: disable=import-outside-toplevel
+  out = {}
+  for kv in pairs:
+    k, _, v = kv.partition("=")
+    try:
+      out[k] = ast.literal_eval(v)
+    except (ValueError, SyntaxError):
+      out[k] = v
+  return out
+
+
 def jax_worker(args) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   from mmret_jax.train import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
   from mmret_jax.train import partitioning  # pylint: disable=import-outside-toplevel
   hf_dir = pathlib.Path(args.hf_dir)
   t0 = time.perf_counter()
-  task, mesh, state, step_fn = build_jax(args, hf_dir, hf_dir.parent / f"work_{os.getpid()}")
+  task, mesh, state, step_fn = build_jax(args, hf_dir, hf_dir.parent / f"work_{os.getpid()}",
+                                         overrides=parse_overrides(args.set))
   build_s = time.perf_counter() - t0
   n_jax = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   print(f"  [jax] BlairTask + state built in {build_s:.1f}s: {n_jax / 1e6:.1f} M params (incl. "
@@ -319,7 +333,8 @@ def run_worker(side: str, args, hf_dir: pathlib.Path, xla_tuned: bool = False) -
     cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--side", side, "--hf-dir", str(hf_dir),
            "--result", res.name, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--size", args.size,
-           "--dtype", args.dtype, "--seed", str(args.seed)] + (["--no-mlm"] if args.no_mlm else [])
+           "--dtype", args.dtype, "--seed", str(args.seed)] + (["--no-mlm"] if args.no_mlm else []) \
+        + [a for kv in args.set for a in ("--set", kv)]
     rc = subprocess.call(cmd, env=env)
     if rc:
       raise SystemExit(f"{side} worker failed with exit status {rc}")
@@ -347,6 +362,8 @@ def main(argv=None) -> int:
   ap.add_argument("--no-mlm", action="store_true",
                   help="diagnostic: contrastive loss only on both sides (no MLM forward / head)")
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                  help="config override for the JAX step, e.g. --set model.attention=fused_qkv (repeatable)")
   ap.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)  # worker mode
   ap.add_argument("--hf-dir", help=argparse.SUPPRESS)
   ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -373,7 +390,7 @@ def main(argv=None) -> int:
   print(f"== setup: roberta ({args.size}), random weights; {args.batch_size} pairs x {args.seq_len} tokens "
         f"(review and meta), jax dtype={args.dtype}, dropout {DROPOUT}, "
         f"{'MLM OFF (diagnostic)' if args.no_mlm else f'MLM on (weight {MLM_WEIGHT})'}, "
-        f"--xla-cpu {args.xla_cpu}")
+        f"--xla-cpu {args.xla_cpu}" + (f", JAX config overrides {parse_overrides(args.set)}" if args.set else ""))
   tmp = tempfile.TemporaryDirectory()
   hf_dir = pathlib.Path(tmp.name) / "hf"
   tmlm, _ = write_hf_dir(torch, transformers, cfg, hf_dir, args.seed)
