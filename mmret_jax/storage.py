@@ -16,7 +16,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Iterator, Union
+from typing import Callable, Iterator, Union
 
 from etils import epath
 
@@ -50,11 +50,14 @@ def files_under(root) -> Iterator[tuple[str, object]]:
       yield child.name, child
 
 
-def copy_tree(src, dst) -> int:
-  """Copies every file under `src` to `dst` (either side local or remote); returns the file count."""
+def copy_tree(src, dst, only: Callable[[str, object], bool] | None = None) -> int:
+  """Copies every file under `src` (those `only(rel, path)` accepts, if given) to `dst`, either side
+  local or remote; returns the file count."""
   src, dst = as_path(src), as_path(dst)
   n = 0
   for rel, f in files_under(src):
+    if only is not None and not only(rel, f):
+      continue
     target = dst / rel
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(f.read_bytes())
@@ -136,17 +139,15 @@ class Mirror:
     """Uploads new or changed files; returns how many."""
     if not self.remote:
       return 0
-    n = 0
-    for rel, f in files_under(self.local):
+
+    def changed(rel: str, f: pathlib.Path) -> bool:
       stamp = self._stamp(f)
       if self._seen.get(rel) == stamp:
-        continue
-      target = as_path(self.target) / rel
-      target.parent.mkdir(parents=True, exist_ok=True)
-      target.write_bytes(f.read_bytes())
+        return False
       self._seen[rel] = stamp
-      n += 1
-    return n
+      return True
+
+    return copy_tree(self.local, self.target, only=changed)
 
   def close(self) -> None:
     if self.remote:
