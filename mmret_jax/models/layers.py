@@ -397,8 +397,8 @@ def is_key_padding(mask: Array | None) -> bool:
 
 
 def _kernel_seed(rng: Array | None, rate: float) -> Array | None:
-  """The fused kernels' uint32 dropout seed, drawn from the module's dropout key."""
-  return jax.random.bits(rng, (), jnp.uint32) if rate > 0 else None
+  """The fused attention kernels' uint32 dropout seed, drawn from the module's dropout key."""
+  return dropout_key(rng) if rate > 0 else None
 
 
 def packed_projection(denses: Sequence["Dense"], x: Array) -> tuple[Array, Array | None]:
