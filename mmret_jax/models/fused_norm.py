@@ -129,13 +129,18 @@ def _chunk_specs(rows: int, c: int, w: int):
               seed=pl.BlockSpec((None, 2), lambda i: (0, 0)), whole=pl.BlockSpec(memory_space=pl.ANY))
 
 
+def _layout(m: int, d: int):
+  """(C, W, rows per program, block specs) for [M, D] activations."""
+  c, w = chunking(d)
+  rows = _rows_per_block(m)
+  return c, w, rows, _chunk_specs(rows, c, w)
+
+
 def _forward(seed, y, bias, r, scale, beta, rate, eps, interpret):
   """seed [1, 2] (key, first row), y, r [M, D] -> (out [M, D], h [M, D], mean [M], rstd [M])."""
   from jax.experimental import pallas as pl  # pylint: disable=import-outside-toplevel
   m, d = y.shape
-  c, w = chunking(d)
-  rows = _rows_per_block(m)
-  sp = _chunk_specs(rows, c, w)
+  c, w, rows, sp = _layout(m, d)
   cw = lambda x: x.reshape(m, c, w)
   vec = lambda x: x.reshape(c, w)
   out, h, mean, rstd = pl.pallas_call(
@@ -154,10 +159,8 @@ def _backward(seed, do, h, scale, mean, rstd, rate, interpret):
   """-> (d residual [M, D], d y [M, D], partial d scale, d beta, d bias [blocks, D] float32)."""
   from jax.experimental import pallas as pl  # pylint: disable=import-outside-toplevel
   m, d = h.shape
-  c, w = chunking(d)
-  rows = _rows_per_block(m)
+  c, w, rows, sp = _layout(m, d)
   blocks = m // rows
-  sp = _chunk_specs(rows, c, w)
   act = jax.ShapeDtypeStruct((m, c, w), h.dtype)
   part = jax.ShapeDtypeStruct((blocks, c, w), jnp.float32)
   outs = pl.pallas_call(
