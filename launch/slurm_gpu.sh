@@ -15,7 +15,10 @@
 #
 # Resume: WORKDIR must be on a filesystem shared by all nodes. Resubmitting the same command
 # resumes from the newest checkpoint there. SLURM sends SIGTERM 5 minutes before the time limit
-# (--signal), on which the trainer saves a checkpoint and exits.
+# (--signal), on which the trainer saves a checkpoint and exits with status 75 (mmret_jax.main:
+# 0 = finished, 75 = stopped and saved, 1 = error); on 75 this script requeues the job
+# (`scontrol requeue`, hence --requeue), which then resumes where it stopped. Set REQUEUE=0 to
+# end the job instead.
 #
 #SBATCH --job-name=mmret
 #SBATCH --nodes=2
@@ -24,6 +27,7 @@
 #SBATCH --cpus-per-task=12
 #SBATCH --time=24:00:00
 #SBATCH --signal=TERM@300
+#SBATCH --requeue
 #SBATCH --output=%x-%j.out
 
 set -euo pipefail
@@ -64,5 +68,14 @@ fi
 echo "job ${SLURM_JOB_ID}: ${SLURM_JOB_NUM_NODES} nodes, ${NTASKS} tasks," \
   "coordinator ${JAX_COORDINATOR_ADDRESS:-none}, workdir ${WORKDIR}"
 
+rc=0
 srun --kill-on-bad-exit=1 \
-  python -m mmret_jax.main --config="${CONFIG}" --workdir="${WORKDIR}" "$@"
+  python -m mmret_jax.main --config="${CONFIG}" --workdir="${WORKDIR}" "$@" || rc=$?
+
+EXIT_INTERRUPTED=75  # stopped by SIGTERM/SIGINT after saving a checkpoint
+if (( rc == EXIT_INTERRUPTED )) && [[ "${REQUEUE:-1}" != "0" ]]; then
+  echo "job ${SLURM_JOB_ID}: stopped and saved; requeueing to resume"
+  scontrol requeue "${SLURM_JOB_ID}"
+  exit 0
+fi
+exit "${rc}"

@@ -7,13 +7,14 @@ same calls as the BLaIR README, with random weights, so scores are arbitrary).
 
 from __future__ import annotations
 
-import argparse
 import pathlib
+import sys
 import tempfile
 
 import flax.linen as nn
 import jax
 
+from mmret_jax import cli
 from mmret_jax.convert.core import write_converted
 from mmret_jax.models import bert
 
@@ -24,9 +25,13 @@ ITEMS = ["Measure Rinse & Strain colander, holds up to 2 cups, dishwasher safe."
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__)
+  ap = cli.ArgumentParser(prog="python -m mmret_jax.demo", description=__doc__)
   ap.add_argument("--workdir", default=None, help="where to write the tiny converted model")
   args = ap.parse_args(argv)
+  return cli.run(lambda: _demo(args))
+
+
+def _demo(args) -> int:
   from mmret_jax import embed  # pylint: disable=import-outside-toplevel
   from mmret_jax.data.text import build_bpe_tokenizer  # pylint: disable=import-outside-toplevel
   out = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="mmret_demo_")) / "tiny-roberta"
@@ -50,4 +55,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  sys.exit(main())

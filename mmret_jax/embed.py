@@ -3,21 +3,30 @@
     python -m mmret_jax.embed --model DIR --input texts.txt --output emb.npy
     enc = mmret_jax.load(DIR); emb = enc.encode_text(["a kettle", "gloves"])
 
-Defaults follow the BLaIR README: CLS vector of `last_hidden_state`,
-L2-normalised, `max_length` 512. Batches are padded to a fixed set of lengths
-(powers of two up to `max_length`) and a fixed batch size, so the jitted
-forward compiles once per length bucket, never per batch.
+Defaults follow the BLaIR README: CLS vector of `last_hidden_state`, L2-normalised, `max_length`
+512. A sentence-transformers dir (`modules.json`, e.g. all-MiniLM-L6-v2) brings its own pooling,
+normalisation and max sequence length, used unless the caller overrides them.
+
+Speed on variable-length text: texts are sorted by length (longest first) and batched; each batch is
+padded to a multiple of 8 tokens, and similar lengths share one compiled shape. Which lengths get
+their own compiled program is planned from measured costs (`plan_lengths`): after the first batch,
+a new shape is compiled only when the padding it saves outweighs its compile time. The batch that
+is not full holds the shortest texts, so its filler rows cost little. `python -m mmret_jax.embed` also keeps compiled programs in a
+persistent cache (`~/.cache/mmret_jax/xla`), so later runs skip most compiles.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import json
+import math
 import os
 import pathlib
 import sys
-from typing import Sequence
+import time
+from typing import Iterable, Mapping, Sequence
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -25,47 +34,115 @@ import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
+from mmret_jax import cli, st_config  # pylint: disable=wrong-import-position
 from mmret_jax.losses import l2_normalize  # pylint: disable=wrong-import-position
 
-POOLINGS = ("cls", "mean")
+POOLINGS = ("cls", "mean", "max", "mean_sqrt_len", "lasttoken")
 DEFAULT_MAX_LENGTH = 512
+LENGTH_STEP = 8  # padded lengths are multiples of this (or max_length)
+COMPILE_CACHE = pathlib.Path(os.environ.get("MMRET_JAX_CACHE", "~/.cache/mmret_jax")).expanduser() / "xla"
 
 
 class EmbedError(ValueError):
   """Bad user input to the embedder (message says what to change)."""
 
 
-def length_buckets(max_length: int, smallest: int = 16) -> list[int]:
-  """Padded lengths used for batches: powers of two from `smallest`, capped by `max_length`."""
-  out, n = [], smallest
-  while n < max_length:
-    out.append(n)
-    n *= 2
-  return out + [max_length]
+def round_length(n: int, max_length: int, step: int = LENGTH_STEP) -> int:
+  """The padded length for a batch whose longest text has `n` tokens."""
+  return min(max_length, max(step, -(-n // step) * step))
+
+
+def plan_lengths(required: Mapping[int, int], compiled: Iterable[int] = (), compile_cost: float = 0.0
+                 ) -> list[int]:
+  """Which padded lengths to run batches at: the set minimising padding plus compiles.
+
+  Args:
+    required: {rounded length a batch needs: number of such batches}.
+    compiled: lengths already compiled (free to use).
+    compile_cost: the cost of compiling a new length, in units of one batch padded by one token.
+  Returns:
+    Sorted lengths; a batch runs at the smallest one >= its need. Cost = sum over batches of the
+    length it runs at, plus `compile_cost` per length not in `compiled` (exact, by dynamic
+    programming over the candidate lengths).
+  """
+  if not required:
+    return []
+  compiled = set(compiled)
+  need = sorted(required)
+  cands = sorted(set(need) | {c for c in compiled if c >= need[0]})
+  # prefix[k]: batches needing <= cands[k-1]
+  prefix = [0]
+  for c in cands:
+    prefix.append(prefix[-1] + required.get(c, 0))
+  best, back = [math.inf] * len(cands), [-1] * len(cands)
+  for j, length in enumerate(cands):
+    own = 0.0 if length in compiled else float(compile_cost)
+    for i in range(-1, j):  # i: the previous chosen candidate (-1: none)
+      prev = best[i] if i >= 0 else 0.0
+      cost = prev + own + (prefix[j + 1] - prefix[i + 1]) * length
+      if cost < best[j]:
+        best[j], back[j] = cost, i
+  ends = [j for j, c in enumerate(cands) if c >= need[-1]]
+  j = min(ends, key=lambda k: best[k])
+  out = []
+  while j >= 0:
+    out.append(cands[j])
+    j = back[j]
+  return sorted(out)
 
 
 def pool(hidden: jax.Array, mask: jax.Array, pooling: str) -> jax.Array:
-  """[B, L, D], [B, L] -> [B, D] float32. `cls`: position 0; `mean`: mean over unmasked tokens."""
+  """[B, L, D], [B, L] -> [B, D] float32, as sentence-transformers' Pooling module does.
+
+  `cls`: position 0; `mean`: mean over unmasked tokens; `max`: max over them; `mean_sqrt_len`: their
+  sum / sqrt(count); `lasttoken`: the last unmasked token (right padding)."""
   hidden = hidden.astype(jnp.float32)
   if pooling == "cls":
     return hidden[:, 0]
+  m = mask.astype(jnp.float32)[..., None]
+  count = jnp.maximum(m.sum(1), 1.0)
   if pooling == "mean":
-    m = mask.astype(jnp.float32)[..., None]
-    return (hidden * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+    return (hidden * m).sum(1) / count
+  if pooling == "mean_sqrt_len":
+    return (hidden * m).sum(1) / jnp.sqrt(count)
+  if pooling == "max":
+    return jnp.where(m > 0, hidden, -1e9).max(1)
+  if pooling == "lasttoken":
+    last = jnp.maximum(mask.astype(jnp.int32).sum(1) - 1, 0)
+    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
   raise EmbedError(f"Unknown pooling {pooling!r}; choose from {POOLINGS}")
+
+
+def enable_compile_cache(path: str | os.PathLike = COMPILE_CACHE) -> None:
+  """Keeps compiled programs on disk (JAX's persistent cache) unless the user configured one;
+  `MMRET_JAX_COMPILE_CACHE=0` turns this off."""
+  if os.environ.get("MMRET_JAX_COMPILE_CACHE", "1") == "0" or jax.config.jax_compilation_cache_dir:
+    return
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 class Encoder:
   """A loaded model + tokenizer. Build with `mmret_jax.load(DIR)`."""
 
-  def __init__(self, model, params, tokenizer, *, meta: dict, hf_config: dict, path: str):
+  def __init__(self, model, params, tokenizer, *, meta: dict, hf_config: dict, path: str,
+               st_settings: st_config.STSettings | None = None):
     self.model, self.params, self.tokenizer = model, params, tokenizer
     self.meta, self.hf_config, self.path = meta, hf_config, path
+    self.st_settings = st_settings  # a sentence-transformers dir's pipeline settings, else None
     self.num_truncated = 0  # texts truncated by the last encode_text call
     self.last_max_length = None
+    self.last_settings: dict = {}  # pooling / normalize / max_length the last encode_text used
+    self._executables: dict[tuple, object] = {}  # (rows, length, pooling, normalize) -> compiled
+    self._compile_s = 0.0  # longest compile seen (seconds)
+    self._token_s = None  # seconds per padded token, running estimate
 
   @classmethod
-  def from_dir(cls, path: str | os.PathLike, *, dtype: str = "float32", verbose: bool = False) -> "Encoder":
+  def from_dir(cls, path: str | os.PathLike, *, dtype: str = "float32", verbose: bool | None = None
+               ) -> "Encoder":
+    """`verbose`: None = say which sentence-transformers settings are used (if any); True = also
+    note an in-memory conversion; False = silent."""
     from mmret_jax import convert  # pylint: disable=import-outside-toplevel
     path = convert.localize(path)  # a gs:// dir: downloaded once into the local cache
     meta, hf_config, params, on_the_fly = convert.load_any(path)
@@ -76,9 +153,17 @@ class Encoder:
             f"`python -m mmret_jax.convert to-jax {path} DST`)", file=sys.stderr)
     if dtype not in ("float32", "bfloat16"):
       raise EmbedError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    settings = st_config.read_settings(path)
+    if settings is not None and meta.get("family") != "bert":
+      raise EmbedError(f"{path}: sentence-transformers settings are supported for BERT-family models only")
+    if settings is not None and verbose is not False:
+      print(f"note: {path} is a sentence-transformers model; using its settings: {settings.describe()} "
+            "(override with pooling= / normalize= / max_length=, or --pooling / --no-normalize / "
+            "--max-length)", file=sys.stderr)
     model = convert.build_model(meta, hf_config, dtype=jnp.dtype(dtype))
-    tokenizer = _load_tokenizer(path, required=meta.get("family") != "clip")
-    return cls(model, jax.device_put(params), tokenizer, meta=meta, hf_config=hf_config, path=str(path))
+    tokenizer = _load_tokenizer(st_config.model_dir(path), required=meta.get("family") != "clip")
+    return cls(model, jax.device_put(params), tokenizer, meta=meta, hf_config=hf_config, path=str(path),
+               st_settings=settings)
 
   @property
   def family(self) -> str:
@@ -158,55 +243,100 @@ class Encoder:
     self.num_truncated = len(long)
     return full
 
-  def encode_text(self, texts: Sequence[str], *, pooling: str | None = None, max_length: int | None = None,
-                  batch_size: int = 32, normalize: bool = True, progress: bool = False) -> np.ndarray:
-    """Embeds `texts` -> float32 [N, D] in input order.
-
-    `max_length` defaults to 512 (BLaIR), or less if the model's position table is shorter.
-    `pooling`: cls (default) | mean for BERT-family models; CLIP text is EOS-pooled and projected.
-    """
-    if self.tokenizer is None:
-      raise EmbedError(f"No tokenizer in {self.path}: copy the tokenizer files there to embed text")
+  def resolve(self, pooling: str | None, normalize: bool | None, max_length: int | None
+              ) -> tuple[str, bool, int]:
+    """The settings an encode_text call uses: the caller's, else the sentence-transformers dir's,
+    else the BLaIR defaults (CLS, normalised, 512 or the model's limit)."""
+    st = self.st_settings
     if self.is_clip:
       if pooling not in (None, "eos"):
         raise EmbedError("CLIP text embeddings are EOS-pooled and projected; --pooling does not apply")
       pooling = "eos"
-    pooling = pooling or "cls"
-    if max_length is None:
-      max_length = min(DEFAULT_MAX_LENGTH, self.max_positions)
-    if isinstance(texts, str):
-      raise EmbedError("encode_text takes a list of strings, not one string")
+    pooling = pooling or (st.pooling if st else "cls")
     if pooling not in POOLINGS and not self.is_clip:
       raise EmbedError(f"Unknown pooling {pooling!r}; choose from {POOLINGS}")
-    if max_length < 2 or batch_size < 1:
-      raise EmbedError("max_length must be >= 2 and batch_size >= 1")
+    normalize = (st.normalize if st else True) if normalize is None else bool(normalize)
+    if max_length is None:
+      max_length = min(st.max_length if st and st.max_length else DEFAULT_MAX_LENGTH, self.max_positions)
     if max_length > self.max_positions:
       raise EmbedError(f"max_length {max_length} exceeds what this model supports ({self.max_positions})")
+    return pooling, normalize, int(max_length)
+
+  def _compile(self, key: tuple):
+    rows, length, pooling, normalize = key
+    spec = jax.ShapeDtypeStruct((rows, length), jnp.int32)
+    t = time.perf_counter()
+    out = self._forward.lower(self, self.params, spec, spec, pooling, normalize).compile()
+    self._compile_s = max(self._compile_s, time.perf_counter() - t)
+    return out
+
+  def _executable(self, rows: int, length: int, pooling: str, normalize: bool):
+    """The compiled forward for [rows, length] inputs (compiled and timed on first use)."""
+    key = (rows, length, pooling, normalize)
+    if key not in self._executables:
+      self._executables[key] = self._compile(key)
+    return self._executables[key]
+
+  def encode_text(self, texts: Sequence[str], *, pooling: str | None = None, max_length: int | None = None,
+                  batch_size: int = 32, normalize: bool | None = None, progress: bool = False) -> np.ndarray:
+    """Embeds `texts` -> float32 [N, D] in input order.
+
+    `pooling` (cls | mean | max | mean_sqrt_len | lasttoken), `normalize` and `max_length` default
+    to a sentence-transformers dir's own settings, else CLS, normalised and 512 (BLaIR) or the
+    model's limit. CLIP text is EOS-pooled and projected. `last_settings` says what was used.
+    """
+    if self.tokenizer is None:
+      raise EmbedError(f"No tokenizer in {self.path}: copy the tokenizer files there to embed text")
+    if isinstance(texts, str):
+      raise EmbedError("encode_text takes a list of strings, not one string")
+    pooling, normalize, max_length = self.resolve(pooling, normalize, max_length)
+    if max_length < 2 or batch_size < 1:
+      raise EmbedError("max_length must be >= 2 and batch_size >= 1")
     self.last_max_length = max_length
+    self.last_settings = {"pooling": pooling, "normalize": normalize, "max_length": max_length}
     d = self.dim
     if len(texts) == 0:
       return np.zeros((0, d), np.float32)
+    if self.st_settings is not None and self.st_settings.do_lower_case:
+      texts = [t.lower() for t in texts]
     ids = self.tokenize(texts, max_length)
     pad = self.tokenizer.pad_token_id
     if pad is None:
       raise EmbedError("The tokenizer has no pad token")
-    buckets = length_buckets(max_length)
-    order = np.argsort([len(x) for x in ids], kind="stable")  # similar lengths share a bucket
     out = np.zeros((len(texts), d), np.float32)
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    # Longest first (similar lengths share a batch): the first batch's run time then measures the
+    # per-token cost with little fixed overhead in it. The one batch that is not full comes last,
+    # with the shortest texts, so its filler rows cost little.
+    order = np.argsort([-len(x) for x in ids], kind="stable")
+    batches = [order[a:a + batch_size] for a in range(0, len(order), batch_size)]
+    need = [round_length(max(len(ids[i]) for i in idx), max_length) for idx in batches]
+    plan: list[int] = []
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-    for idx in tqdm(batches, desc="embedding", unit="batch", disable=not progress):
-      longest = max(len(ids[i]) for i in idx)
-      length = next(b for b in buckets if b >= longest)
+    for k, idx in enumerate(tqdm(batches, desc="embedding", unit="batch", disable=not progress)):
+      if self._token_s is not None and not plan:  # costs known: plan the rest
+        plan = self._plan(need[k:], batch_size, pooling, normalize)
+      length = next((p for p in plan if p >= need[k]), need[k])
+      fn = self._executable(batch_size, length, pooling, normalize)
       arr = np.full((batch_size, length), pad, np.int32)
       mask = np.zeros((batch_size, length), np.int32)
       for row, i in enumerate(idx):
         arr[row, :len(ids[i])] = ids[i]
         mask[row, :len(ids[i])] = 1
       mask[len(idx):, 0] = 1  # filler rows: keep softmax finite; their outputs are dropped
-      emb = self._forward(self.params, jnp.asarray(arr), jnp.asarray(mask), pooling, normalize)
-      out[idx] = np.asarray(emb)[:len(idx)]
+      if self._token_s is None:  # the very first run of a program pays one-time costs: time a second
+        np.asarray(fn(self.params, arr, mask))
+      t = time.perf_counter()
+      emb = np.asarray(fn(self.params, arr, mask))
+      per_token = (time.perf_counter() - t) / (batch_size * length)
+      # The lowest seen: short batches also pay a fixed per-call cost that padding does not add to.
+      self._token_s = per_token if self._token_s is None else min(self._token_s, per_token)
+      out[idx] = emb[:len(idx)]
     return out
+
+  def _plan(self, need: Sequence[int], rows: int, pooling: str, normalize: bool) -> list[int]:
+    compiled = [k[1] for k in self._executables if k[0] == rows and k[2:] == (pooling, normalize)]
+    cost = self._compile_s / max(self._token_s * rows, 1e-12)  # in batch-tokens
+    return plan_lengths(collections.Counter(need), compiled, cost)
 
 
 def _load_tokenizer(path, required: bool = True):
@@ -268,9 +398,10 @@ def read_image_list(path: str | os.PathLike) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m mmret_jax.embed",
-                               description="Embed texts into an [N, D] float32 .npy (L2-normalised by default).")
-  ap.add_argument("--model", required=True, help="converted mmret_jax dir or Hugging Face model dir")
+  ap = cli.ArgumentParser(prog="python -m mmret_jax.embed",
+                          description="Embed texts (or images) into an [N, D] float32 .npy.")
+  ap.add_argument("--model", required=True, help="converted mmret_jax dir, training workdir, Hugging Face "
+                                                 "model dir or sentence-transformers dir")
   src = ap.add_mutually_exclusive_group(required=True)
   src.add_argument("--input", help=".txt (one text a line) or .jsonl (with --field)")
   src.add_argument("--images", help="a file listing image paths, one a line (relative paths are taken "
@@ -278,36 +409,42 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--output", required=True, help="output .npy")
   ap.add_argument("--field", help="JSONL key holding the text")
   ap.add_argument("--pooling", choices=POOLINGS, default=None,
-                  help="text pooling for BERT-family models (default cls; CLIP text is EOS-pooled)")
+                  help="text pooling for BERT-family models (default: a sentence-transformers dir's own, "
+                       "else cls; CLIP text is EOS-pooled)")
   ap.add_argument("--max-length", type=int, default=None,
-                  help="tokens per text, longer texts are truncated (default: 512 or the model's limit)")
-  ap.add_argument("--batch-size", type=int, default=32)
-  ap.add_argument("--no-normalize", action="store_true", help="keep raw (unnormalised) vectors")
+                  help="tokens per text, longer texts are truncated (default: a sentence-transformers dir's "
+                       "max_seq_length, else 512, capped by the model's limit)")
+  ap.add_argument("--batch-size", type=int, default=32, help="texts (or images) per batch")
+  ap.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                  help="L2-normalise the vectors (default: a sentence-transformers dir's own choice, else yes)")
   ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
   args = ap.parse_args(argv)
-  try:
-    if args.images:
-      items = read_image_list(args.images)
-      enc = load(args.model, dtype=args.dtype, verbose=True)
-      emb = enc.encode_image(items, batch_size=args.batch_size, normalize=not args.no_normalize, progress=True)
-      what = "image embeddings"
-    else:
-      texts = read_texts(args.input, args.field)
-      enc = load(args.model, dtype=args.dtype, verbose=True)
-      emb = enc.encode_text(texts, pooling=args.pooling, max_length=args.max_length,
-                            batch_size=args.batch_size, normalize=not args.no_normalize, progress=True)
-      what = "text embeddings" if enc.is_clip else f"{args.pooling or 'cls'} pooling"
-  except (EmbedError, FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  if not args.images and enc.num_truncated:
-    print(f"note: {enc.num_truncated} of {len(texts)} texts were longer than {enc.last_max_length} tokens "
-          "and were truncated", file=sys.stderr)
+  return cli.run(lambda: _embed(args))
+
+
+def _embed(args) -> int:
+  enable_compile_cache()
+  if args.images:
+    items = read_image_list(args.images)
+    enc = load(args.model, dtype=args.dtype, verbose=True)
+    normalize = args.normalize is not False
+    emb = enc.encode_image(items, batch_size=args.batch_size, normalize=normalize, progress=True)
+    what = f"image embeddings, {'L2-normalised' if normalize else 'raw'}"
+  else:
+    texts = read_texts(args.input, args.field)
+    enc = load(args.model, dtype=args.dtype, verbose=True)
+    emb = enc.encode_text(texts, pooling=args.pooling, max_length=args.max_length,
+                          batch_size=args.batch_size, normalize=args.normalize, progress=True)
+    used = enc.last_settings
+    what = (f"{'EOS-pooled text embeddings' if enc.is_clip else used['pooling'] + ' pooling'}, "
+            f"{'L2-normalised' if used['normalize'] else 'raw'}, max_length {used['max_length']}")
+    if enc.num_truncated:
+      print(f"note: {enc.num_truncated} of {len(texts)} texts were longer than {enc.last_max_length} tokens "
+            "and were truncated", file=sys.stderr)
   out = pathlib.Path(args.output)
   out.parent.mkdir(parents=True, exist_ok=True)
   np.save(out, emb)
-  print(f"wrote {out}: {emb.shape[0]} x {emb.shape[1]} float32 ({what}, "
-        f"{'raw' if args.no_normalize else 'L2-normalised'})")
+  print(f"wrote {out}: {emb.shape[0]} x {emb.shape[1]} float32 ({what})")
   return 0
 
 

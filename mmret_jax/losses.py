@@ -27,12 +27,28 @@ def cosine_logits(a: jax.Array, b: jax.Array, scale: jax.Array | float, eps: flo
   return (a @ b.T) / jnp.maximum(na * nb.T, eps) * scale
 
 
-def info_nce(logits: jax.Array, symmetric: bool = False) -> jax.Array:
-  """Cross-entropy with the diagonal as targets; `symmetric` averages both directions."""
+def info_nce(logits: jax.Array, symmetric: bool = False, valid: jax.Array | None = None) -> jax.Array:
+  """Cross-entropy with the diagonal as targets; `symmetric` averages both directions.
+
+  `valid` [B] bool: rows (and the matching columns) that take part; padding rows are neither
+  queries nor negatives, so a padded batch gives the loss of its valid rows alone.
+  """
   labels = jnp.arange(logits.shape[0])
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  if valid is None:
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    if symmetric:
+      loss = 0.5 * (loss + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean())
+    return loss
+  valid = valid.astype(bool)
+  keep = valid[:, None] & valid[None, :]
+  logits = jnp.where(keep, logits, -1e30)  # finite: padding rows stay NaN-free before masking
+  n = jnp.maximum(valid.sum(), 1)
+
+  def mean_ce(lg):
+    return jnp.sum(jnp.where(valid, optax.softmax_cross_entropy_with_integer_labels(lg, labels), 0.0)) / n
+  loss = mean_ce(logits)
   if symmetric:
-    loss = 0.5 * (loss + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean())
+    loss = 0.5 * (loss + mean_ce(logits.T))
   return loss
 
 

@@ -103,6 +103,33 @@ def local_copy(src: PathLike, refresh: bool = False) -> pathlib.Path:
   return dst
 
 
+def rmtree(path: PathLike) -> None:
+  """Removes a directory tree, local or remote (missing is fine)."""
+  path = as_path(path)
+  if not path.exists():
+    return
+  if is_remote(path):
+    path.rmtree()
+  else:
+    shutil.rmtree(path)
+
+
+def move_aside(path: PathLike, name: str):
+  """Renames the directory `path` to `name` in the same parent (`name`, then `name.1`, `name.2`, ...
+  if taken); returns the new path. Remote directories are copied, then removed."""
+  path = as_path(path)
+  target, n = path.parent / name, 0
+  while target.exists():
+    n += 1
+    target = path.parent / f"{name}.{n}"
+  if is_remote(path):
+    copy_tree(path, target)
+    path.rmtree()
+  else:
+    path.rename(target)
+  return target
+
+
 def _mkdir(p: pathlib.Path) -> pathlib.Path:
   p.mkdir(parents=True, exist_ok=True)
   return p

@@ -355,3 +355,53 @@ def test_bundled_sample_is_reproducible():
   assert len(pairs) == len(src)
   assert [pairs[i] for i in (0, 1, 2, len(src) - 1)] == [(src[i]["review"], src[i]["meta"])
                                                          for i in (0, 1, 2, len(src) - 1)]
+
+
+def _cli(*args, cwd=None):
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  return subprocess.run([sys.executable, "-m", "mmret_jax.data.prepare_blair", *args], capture_output=True,
+                        text=True, cwd=cwd)
+
+
+def test_prepare_cli_errors_help_and_report(raw_dirs, tmp_path):
+  """One-line errors with a non-zero status, defaults in --help, every count on screen."""
+  rev, met = raw_dirs
+  out = tmp_path / "pairs.tsv"
+  r = _cli("--reviews", str(rev), "--meta", str(met), "--output", str(out), "--sample-rate", "0.5",
+           "--no-progress")
+  assert r.returncode == 0, r.stderr
+  stats = json.loads((tmp_path / "pairs.tsv.stats.json").read_text())["categories"]
+  total = {k: sum(c[k] for c in stats.values()) for k in prepare_blair.COUNT_KEYS}
+  parts = ("review_not_sampled", "review_malformed", "review_after_cutoff", "review_no_meta", "review_short",
+           "pairs")
+  assert total["review_lines"] == sum(total[k] for k in parts) and total["review_not_sampled"] > 0
+  lines = r.stdout.splitlines()
+  assert "not_sampled" in lines[1] and "duplicate" in lines[1]
+  totals_row = next(l for l in lines if l.startswith("TOTAL")).split()[1:]
+  assert [int(x) for x in totals_row] == [total[k] for k in prepare_blair.REPORT_COLUMNS]
+  assert (f"review_lines {total['review_lines']} = not_sampled {total['review_not_sampled']} "
+          "(--sample-rate 0.5)") in r.stdout
+  # the output exists / an input is missing: one line, status 1, no traceback
+  r = _cli("--reviews", str(rev), "--meta", str(met), "--output", str(out), "--no-progress")
+  assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+      f"error: {out} exists; remove it or pass --overwrite."]
+  r = _cli("--reviews", str(tmp_path / "nope"), "--meta", str(met), "--output", str(tmp_path / "n.tsv"))
+  assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
+  assert r.stderr.startswith("error: ") and "nope" in r.stderr and "Traceback" not in r.stderr
+  r = _cli("--reviews", str(rev), "--output", str(tmp_path / "n.tsv"))  # usage error: status 2
+  assert r.returncode == 2 and r.stderr.startswith("error: --reviews and --meta are required")
+  r = _cli("--help")
+  assert r.returncode == 0
+  help_text = " ".join(r.stdout.split())
+  for shown in ("--sample-rate SAMPLE_RATE probability of keeping a review (seed: 1 in 10; 1 keeps all) "
+                "(default: 0.1)", "(default: 1628643414042)", "(default: 30)", "about 1 review in 10"):
+    assert shown in help_text
+
+
+def test_prepare_array_record_prints_no_download_message(raw_dirs, tmp_path, capsys):
+  pytest.importorskip("tensorflow_datasets")
+  _run(raw_dirs, tmp_path / "ar", "array_record")
+  out = capsys.readouterr()
+  assert "ownload" not in out.out + out.err
+  assert "Wrote 5 pairs" in out.out

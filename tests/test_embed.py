@@ -80,15 +80,33 @@ def test_jsonl_field_and_subprocess(hf_dir, tmp_path):
   np.testing.assert_allclose(np.load(out), _reference(model, tok, TEXTS[:4], "cls", 64), atol=1e-5, rtol=0)
 
 
-def test_compiles_once_per_bucket(hf_dir):
+def test_compiled_shapes_are_reused(hf_dir):
   d, _, _ = hf_dir
-  enc = mmret_jax.load(d)
-  enc._forward._clear_cache()  # pylint: disable=protected-access
-  enc.encode_text([f"text number {i} " * (i % 5 + 1) for i in range(50)], batch_size=8, max_length=64)
-  n = enc._forward._cache_size()  # pylint: disable=protected-access
-  assert n <= len(embed.length_buckets(64))
-  enc.encode_text([f"other {i}" for i in range(37)], batch_size=8, max_length=64)
-  assert enc._forward._cache_size() == n  # pylint: disable=protected-access
+  enc = mmret_jax.load(d, verbose=False)
+  texts = [f"text number {i} " * (i % 5 + 1) for i in range(50)]
+  first = enc.encode_text(texts, batch_size=8, max_length=64)
+  lengths = {k[1] for k in enc._executables}  # pylint: disable=protected-access
+  need = {embed.round_length(len(ids), 64) for ids in enc.tokenize(texts, 64)}
+  assert lengths and all(length % embed.LENGTH_STEP == 0 for length in lengths)
+  assert len(lengths) <= len(need) and max(lengths) == max(need)
+  enc._compile_s = 1e9  # pylint: disable=protected-access  # compiling is now never worth it
+  again = enc.encode_text(texts[::-1], batch_size=8, max_length=64)
+  assert {k[1] for k in enc._executables} == lengths  # pylint: disable=protected-access
+  np.testing.assert_allclose(again, first[::-1], atol=1e-6, rtol=0)  # other batch mates, same vectors
+
+
+def test_plan_lengths_trades_padding_for_compiles():
+  """Costs: a batch run at length L costs L; a new length costs `compile_cost`."""
+  need = {16: 10, 24: 1, 64: 5}
+  assert embed.plan_lengths(need, compile_cost=0) == [16, 24, 64]
+  assert embed.plan_lengths(need, compile_cost=1e9) == [64]
+  # {16, 64}: 2 * 100 + 10 * 16 + 1 * 64 + 5 * 64 = 744 beats {16, 24, 64} (804) and {24, 64} (784)
+  assert embed.plan_lengths(need, compile_cost=100) == [16, 64]
+  # A compiled 32 is free: 24 runs at 32 (712 < 744).
+  assert embed.plan_lengths(need, compiled=[32], compile_cost=100) == [16, 32, 64]
+  assert embed.plan_lengths({}, compile_cost=5) == []
+  assert embed.round_length(3, 512) == 8 and embed.round_length(17, 512) == 24
+  assert embed.round_length(90, 100) == 96 and embed.round_length(99, 100) == 100
 
 
 def test_bad_inputs(hf_dir, tmp_path, capsys):
@@ -127,9 +145,3 @@ def test_truncation_is_reported(hf_dir, tmp_path, capsys):
   assert embed.main(["--model", str(d), "--input", str(txt), "--output", str(tmp_path / "o.npy"),
                      "--max-length", "16"]) == 0
   assert "1 of 2 texts were longer than 16 tokens" in capsys.readouterr().err
-
-
-def test_length_buckets():
-  assert embed.length_buckets(512) == [16, 32, 64, 128, 256, 512]
-  assert embed.length_buckets(100) == [16, 32, 64, 100]
-  assert embed.length_buckets(10) == [10]

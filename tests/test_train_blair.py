@@ -239,3 +239,30 @@ def test_init_rng_impl(tmp_path):
   c.init_rng_impl = "philox"
   with pytest.raises(ValueError, match="init_rng_impl"):
     loop.init_and_train_keys(c)
+
+
+def test_held_out_cl_loss_counts_every_pair(tmp_path):
+  """The held-out contrastive loss covers a last partial batch (and a held-out set smaller than one
+  batch): the mean over batches weighted by their size, each batch's loss on its own pairs alone."""
+  from mmret_jax.tasks.blair import BlairTask, TokenizePairs  # pylint: disable=import-outside-toplevel
+  from mmret_jax.train.partitioning import make_mesh  # pylint: disable=import-outside-toplevel
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  c = tiny_config(write_pairs(tmp_path / "pairs.tsv", n=60))
+  task = BlairTask(c, make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]), tmp_path / "w")
+  params = nn.unbox(jax.jit(task.init_params)(jax.random.PRNGKey(3)))
+  reviews, metas = task._held_out()  # pylint: disable=protected-access
+  reviews, metas = reviews + reviews[:5], metas + metas[:5]
+  tok = TokenizePairs(task.tokenizer, int(c.data.max_seq_length))
+
+  def plain_loss(rs, ms):  # unpadded batch of exactly these pairs
+    rows = [tok.map({"review": r, "meta": m, "index": 0}) for r, m in zip(rs, ms)]
+    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0] if k != "index"}
+    return float(task.loss_fn(params, batch, jax.random.PRNGKey(0), train=False)[0])
+
+  bs = int(c.data.eval_batch_size)
+  for n in (11, 5):  # 8 + 3, and fewer than one batch
+    got = task._eval_cl_loss(params, reviews[:n], metas[:n])  # pylint: disable=protected-access
+    chunks = [(reviews[s:min(s + bs, n)], metas[s:min(s + bs, n)]) for s in range(0, n, bs)]
+    want = sum(len(r) * plain_loss(r, m) for r, m in chunks) / n
+    assert np.isfinite(got)
+    np.testing.assert_allclose(got, want, rtol=1e-5)

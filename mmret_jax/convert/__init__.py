@@ -9,7 +9,7 @@ import types
 
 import numpy as np
 
-from mmret_jax import storage
+from mmret_jax import st_config, storage
 from mmret_jax.convert import bert as bert_family
 from mmret_jax.convert import clip as clip_family
 from mmret_jax.convert.core import (ConversionError, META_FILE, copy_tokenizer_files, is_converted_dir,
@@ -58,6 +58,7 @@ def convert_in_memory(src: str | os.PathLike, *, config: str | os.PathLike | Non
   src = pathlib.Path(src)
   if not src.exists():
     raise FileNotFoundError(f"Source not found: {src}")
+  src = st_config.model_dir(src)  # a sentence-transformers dir: its Transformer module's folder
   if family in SOURCE_FORMATS:  # e.g. an OpenAI CLIP .pt/.pth: config inferred from the weights
     sd, hf_config = SOURCE_FORMATS[family](read_state_dict(src))
     name, fam = _family_for(hf_config, None)
@@ -74,10 +75,12 @@ def to_jax(src: str | os.PathLike, dst: str | os.PathLike, *, config=None, famil
   """Converts an HF dir (or bare .safetensors/.bin/.pth + config) into a converted dir."""
   meta, hf_config, params = convert_in_memory(src, config=config, family=family)
   src = pathlib.Path(src)
-  tok_src = tokenizer or (src if src.is_dir() else (pathlib.Path(config).parent if config else None))
+  model_src = st_config.model_dir(src)
+  tok_src = tokenizer or (model_src if src.is_dir() else (pathlib.Path(config).parent if config else None))
   fam_name = meta.pop("family")
   copied = write_converted(dst, family=fam_name, hf_config=hf_config, params=params, meta=meta,
                            tokenizer_src=tok_src)
+  copied += st_config.copy_files(src, dst)  # sentence-transformers pooling / normalisation settings
   return {"family": fam_name, **meta, "tokenizer_files": copied,
           "num_params": int(sum(np.asarray(x).size for x in _leaves(params)))}
 
@@ -92,7 +95,7 @@ def to_hf(src: str | os.PathLike, dst: str | os.PathLike) -> dict:
   dst.mkdir(parents=True, exist_ok=True)
   save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
   (dst / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
-  copied = copy_tokenizer_files(pathlib.Path(src), dst)
+  copied = copy_tokenizer_files(pathlib.Path(src), dst) + st_config.copy_files(src, dst)
   return {"family": name, "num_keys": len(sd), "tokenizer_files": copied}
 
 
@@ -118,7 +121,7 @@ def load_any(path: str | os.PathLike) -> tuple[dict, dict, dict, bool]:
   if is_converted_dir(path):
     meta, hf_config, params = read_converted(path)
     return meta, hf_config, params, False
-  if path.is_dir() and (path / "config.json").exists():
+  if path.is_dir() and ((path / "config.json").exists() or st_config.is_st_dir(path)):
     meta, hf_config, params = convert_in_memory(path)
     return meta, hf_config, params, True
   raise ConversionError(f"{path} is neither a converted mmret_jax dir ({META_FILE}) nor a Hugging Face "

@@ -56,6 +56,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import tqdm
 
+from mmret_jax import cli
 from mmret_jax.data.sources import amazon_reviews
 from mmret_jax.data.sources.amazon_reviews import format_tsv_row, meta_text, open_text, review_text
 
@@ -288,6 +289,14 @@ def _builder_cls():
       self._shards = list(shards)
       super().__init__(**kwargs)
 
+    # tfds prints "Downloading and preparing dataset ..." / "... downloaded and prepared": nothing is
+    # downloaded here, and prepare_blair reports what it wrote itself.
+    def _log_download_bytes(self):
+      pass
+
+    def _log_download_done(self):
+      pass
+
     def _info(self):
       return tfds.core.DatasetInfo(
           builder=self, description="BLaIR (review, meta) pairs from Amazon Reviews 2023.",
@@ -355,35 +364,62 @@ def write_array_record(pairs: Iterator[tuple[str, str]], out_dir: pathlib.Path,
 # ---------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------
-def _report(stats: dict[str, dict[str, int]], out=sys.stdout) -> None:
-  cols = ("items", "meta_malformed", "meta_short", "review_lines", "review_malformed",
-          "review_after_cutoff", "review_no_meta", "review_short", "pairs")
-  w = max([len("category")] + [len(c) for c in stats])
-  print(f"{'category':<{w}} " + " ".join(f"{c:>{max(len(c), 8)}}" for c in cols), file=out)
+REPORT_COLUMNS = {  # count -> column header of the on-screen table (stats.json keeps the full names)
+    "meta_lines": "meta_lines", "meta_malformed": "malformed", "meta_short": "short",
+    "meta_duplicate": "duplicate", "items": "items", "review_lines": "review_lines",
+    "review_not_sampled": "not_sampled", "review_malformed": "malformed", "review_after_cutoff": "after_cutoff",
+    "review_no_meta": "no_meta", "review_short": "short", "pairs": "pairs"}
+
+
+def _report(stats: dict[str, dict[str, int]], cfg: SampleConfig | None = None, out=sys.stdout) -> None:
+  """Every count per category and in total, and how the review lines split up."""
+  cols = list(REPORT_COLUMNS)
+  heads = [REPORT_COLUMNS[c] for c in cols]
+  w = max([len("category"), len("TOTAL")] + [len(c) for c in stats])
+  widths = [max(len(h), 7) for h in heads]
+  print(f"{'':<{w}} {'--- items (meta files) ---':<{sum(widths[:5]) + 4}} --- reviews ---", file=out)
+  print(f"{'category':<{w}} " + " ".join(f"{h:>{n}}" for h, n in zip(heads, widths)), file=out)
   total = dict.fromkeys(cols, 0)
   for cat, counts in stats.items():
-    print(f"{cat:<{w}} " + " ".join(f"{counts[c]:>{max(len(c), 8)}}" for c in cols), file=out)
+    print(f"{cat:<{w}} " + " ".join(f"{counts[c]:>{n}}" for c, n in zip(cols, widths)), file=out)
     for c in cols:
       total[c] += counts[c]
-  print(f"{'TOTAL':<{w}} " + " ".join(f"{total[c]:>{max(len(c), 8)}}" for c in cols), file=out)
+  print(f"{'TOTAL':<{w}} " + " ".join(f"{total[c]:>{n}}" for c, n in zip(cols, widths)), file=out)
+  rate = f" (--sample-rate {cfg.sample_rate})" if cfg else ""
+  print(f"review_lines {total['review_lines']} = not_sampled {total['review_not_sampled']}{rate} + malformed "
+        f"{total['review_malformed']} + after_cutoff {total['review_after_cutoff']} (--max-timestamp) + no_meta "
+        f"{total['review_no_meta']} + short {total['review_short']} (--min-chars) + pairs {total['pairs']}",
+        file=out)
+
+
+DESCRIPTION = """BLaIR pretraining pairs from raw Amazon Reviews 2023 files (the seed's sampling step).
+
+By default, as the seed does, only about 1 review in 10 is kept (--sample-rate 0.1), only reviews
+written before 2021-08-11 (--max-timestamp, the benchmark's t1 split point), and only reviews and
+item texts longer than 30 characters (--min-chars); a review whose item has no metadata is dropped.
+The table at the end counts every line each filter dropped; <output>.stats.json keeps them.
+Pass --sample-rate 1 to keep every review."""
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m mmret_jax.data.prepare_blair",
-                              description=__doc__.split("\n\n", maxsplit=1)[0])
+  p = cli.ArgumentParser(prog="python -m mmret_jax.data.prepare_blair", description=DESCRIPTION)
   p.add_argument("--reviews", help="dir with <Category>.jsonl[.gz], or comma-separated review files")
   p.add_argument("--meta", help="dir with meta_<Category>.jsonl[.gz], or comma-separated meta files")
   p.add_argument("--from-tsv", default=None,
                  help="instead of --reviews/--meta: convert this review\\tmeta TSV (e.g. the seed's "
                       "clean_review_meta.tsv) to --format array_record")
   p.add_argument("--output", required=True, help="TSV file, or a directory for --format array_record")
-  p.add_argument("--format", choices=("tsv", "array_record"), default="tsv")
+  p.add_argument("--format", choices=("tsv", "array_record"), default="tsv",
+                 help="tsv: the seed's review<TAB>meta file; array_record: a dataset dir for random access")
   p.add_argument("--categories", default=None,
                  help="comma list or a file of names, in output order (default: sorted found names)")
-  p.add_argument("--sample-rate", type=float, default=0.1, help="keep probability (seed: 1 in 10)")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--max-timestamp", type=int, default=T1_TIMESTAMP, help="keep reviews strictly before (ms)")
-  p.add_argument("--min-chars", type=int, default=30, help="keep texts strictly longer than this")
+  p.add_argument("--sample-rate", type=float, default=0.1,
+                 help="probability of keeping a review (seed: 1 in 10; 1 keeps all)")
+  p.add_argument("--seed", type=int, default=0, help="seed of the per-category sampling draw")
+  p.add_argument("--max-timestamp", type=int, default=T1_TIMESTAMP,
+                 help="keep reviews strictly before this time (ms since 1970; default 2021-08-11 UTC)")
+  p.add_argument("--min-chars", type=int, default=30,
+                 help="keep reviews and item texts strictly longer than this many characters")
   p.add_argument("--rows-per-shard", type=int, default=100_000, help="ArrayRecord rows per shard file")
   p.add_argument("--overwrite", action="store_true", help="replace an existing output")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -444,7 +480,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   result = {"rows": rows, "output": str(out), "format": args.format, "config": dataclasses.asdict(cfg),
             "categories": stats}
   stats_path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-  _report(stats)
+  _report(stats, cfg)
   bad = {c: {k: v for k, v in s.items() if k.endswith("malformed") and v} for c, s in stats.items()}
   bad = {c: v for c, v in bad.items() if v}
   if bad:
@@ -453,5 +489,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   return result
 
 
+def cli_main(argv: Sequence[str] | None = None) -> int:
+  """`python -m mmret_jax.data.prepare_blair`: `main` with one-line errors and an exit status."""
+  return cli.run(lambda: (main(argv), 0)[1])
+
+
 if __name__ == "__main__":
-  main()
+  sys.exit(cli_main())

@@ -241,7 +241,7 @@ class BlairTask(Task):
     r_drop, r_mask, r_drop2 = jax.random.split(rng, 3)
     z = self.embed(params, ids, mask, r_drop, train=train)
     logits = losses.cosine_logits(z[:b], z[b:], self.scale(params))
-    cl = losses.info_nce(logits, symmetric=bool(c.symmetric))
+    cl = losses.info_nce(logits, symmetric=bool(c.symmetric), valid=batch.get("valid"))
     aux = {"cl_loss": cl, "tokens": mask.sum().astype(jnp.float32)}
     loss = cl
     if c.do_mlm and train and float(c.mlm_weight) > 0:
@@ -316,17 +316,31 @@ class BlairTask(Task):
     return m
 
   def _eval_cl_loss(self, params, reviews, metas) -> float:
-    """The seed's validation metric: contrastive loss on held-out batches (no MLM, no dropout)."""
+    """The seed's validation metric: contrastive loss on held-out batches (no MLM, no dropout).
+
+    Every held-out pair counts: the last, smaller batch is padded to `eval_batch_size` (one
+    compilation) with the padding masked out of the loss, and batch losses are averaged weighted by
+    their size (as the HF Trainer's evaluation loop does)."""
     bs = int(self.config.data.eval_batch_size)
     tok = TokenizePairs(self.tokenizer, int(self.config.data.max_seq_length))
     if not hasattr(self, "_eval_loss"):
       self._eval_loss = jax.jit(lambda p, b: self.loss_fn(p, b, jax.random.PRNGKey(0), train=False)[0])
-    vals = []
-    for s in range(0, len(reviews) - bs + 1, bs):
+    total, count = 0.0, 0
+    for s in range(0, len(reviews), bs):
       rows = [tok.map({"review": r, "meta": m, "index": 0}) for r, m in zip(reviews[s:s + bs], metas[s:s + bs])]
-      batch = {k: np.stack([r[k] for r in rows]) for k in rows[0] if k != "index"}
-      vals.append(float(self._eval_loss(params, batch)))
-    return float(np.mean(vals)) if vals else float("nan")
+      n = len(rows)
+      batch = {k: pad_rows(np.stack([r[k] for r in rows]), bs) for k in rows[0] if k != "index"}
+      batch["valid"] = np.arange(bs) < n
+      total += n * float(self._eval_loss(params, batch))
+      count += n
+    return total / count if count else float("nan")
+
+
+def pad_rows(x: np.ndarray, n: int) -> np.ndarray:
+  """Appends zero rows to reach `n` rows (fixed eval shapes: one compilation)."""
+  if len(x) == n:
+    return x
+  return np.concatenate([x, np.zeros((n - len(x), *x.shape[1:]), x.dtype)])
 
 
 def _contiguous(idx: np.ndarray) -> bool:

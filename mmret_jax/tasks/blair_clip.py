@@ -28,7 +28,7 @@ from mmret_jax import convert, losses
 from mmret_jax.data import image as image_lib, pipeline
 from mmret_jax.data.sources.amazon_reviews import MultimodalPairsSource
 from mmret_jax.models import layers, vit
-from mmret_jax.tasks.blair import BlairTask, TokenizePairs
+from mmret_jax.tasks.blair import BlairTask, TokenizePairs, pad_rows
 
 VISION_PRESETS = {
     **vit.PRESETS,
@@ -191,8 +191,8 @@ class BlairClipTask(BlairTask):
       chunk = rows[s:s + bs]
       enc = [tok.map(r) for r in chunk]
       n = len(chunk)
-      batch = {k: _pad_rows(np.stack([e[k] for e in enc]), bs) for k in enc[0] if k != "index"}
-      batch["image"] = _pad_rows(pixels[s:s + n], bs)
+      batch = {k: pad_rows(np.stack([e[k] for e in enc]), bs) for k in enc[0] if k != "index"}
+      batch["image"] = pad_rows(pixels[s:s + n], bs)
       t, v = self._eval_embed(params, batch)
       ts.append(np.asarray(t)[:n])
       vs.append(np.asarray(v)[:n])
@@ -215,12 +215,6 @@ class BlairClipTask(BlairTask):
     super().export(params, dst)
     from mmret_jax.convert.core import save_params  # pylint: disable=import-outside-toplevel
     save_params(pathlib.Path(dst) / "twin_tower", jax.device_get(params))
-
-
-def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
-  if len(x) == n:
-    return x
-  return np.concatenate([x, np.zeros((n - len(x), *x.shape[1:]), x.dtype)])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,15 +6,26 @@ evals; everything else is here and shared by every seed system.
 Resume order: newest valid checkpoint in `workdir/checkpoints` -> `config.init_from`
 (via the task) -> scratch. A checkpoint holds params, optimizer state, step, RNG and
 the grain iterator position, so a resumed run continues bit-for-bit on CPU.
+
+A damaged checkpoint (a truncated array file, as a full disk or a killed copy leaves it) is
+reported in one line, moved aside to `checkpoints/corrupt-<step>` and the next older one is
+tried; with none left the run starts exactly as in a fresh workdir. `metrics.jsonl` is cut back
+to the restored step, so no step is logged twice. The resolved config is written to
+`workdir/config.json`; resuming with a changed result-altering key is a warning naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fnmatch
+import gc
+import json
 import logging
 import math
 import pathlib
 import signal
+import sys
 import time
 from typing import Any
 
@@ -29,15 +40,17 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 from tqdm import tqdm
 
-from mmret_jax import storage, tasks
+from mmret_jax import cli, storage, tasks
 from mmret_jax.train import metrics as metrics_lib
 from mmret_jax.train import optim, partitioning
-
-log = logging.getLogger("mmret_jax")
 
 
 class NonFiniteLossError(FloatingPointError):
   """The loss or gradient went NaN/Inf (message names the step and the batch's row ids)."""
+
+
+class CheckpointMismatchError(ValueError):
+  """A workdir checkpoint holds another model's or optimizer's arrays than the config builds."""
 
 
 @dataclasses.dataclass
@@ -46,6 +59,11 @@ class RunResult:
   eval: dict[str, float]
   state: "TrainState"
   total_steps: int
+  interrupted: bool = False  # stopped by SIGTERM / SIGINT after saving a checkpoint
+
+  @property
+  def finished(self) -> bool:
+    return int(jax.device_get(self.state.step)) == self.total_steps
 
 
 @flax.struct.dataclass
@@ -170,27 +188,204 @@ def _checkpoint_manager(workdir, config) -> ocp.CheckpointManager:
           enable_async_checkpointing=bool(ck.get("async", True)), create=True))
 
 
-def _restore_newest(mngr, abstract_state, data_iter):
-  """Newest checkpoint that restores; a broken one is reported and skipped."""
-  for step in sorted(mngr.all_steps(), reverse=True):
+def _console(message: str) -> None:
+  """A line on stderr that does not break the progress bar."""
+  tqdm.write(message, file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _quiet_restore():
+  """Silences what a failed Orbax restore prints besides its exception (which we report in one
+  line): absl / asyncio log records, and the "exception ignored" / "never retrieved" reports of
+  the reads still pending when the first one failed (collected here, while silenced)."""
+  loggers = [logging.getLogger(n) for n in ("absl", "asyncio")]
+  levels = [lg.level for lg in loggers]
+  hook = sys.unraisablehook
+  for lg in loggers:
+    lg.setLevel(logging.CRITICAL)
+  sys.unraisablehook = lambda unraisable: None
+  try:
+    yield
+  except BaseException:
+    gc.collect()
+    sys.unraisablehook = _late_restore_noise_filter(hook)  # a pending read may still report later
+    raise
+  finally:
+    if sys.unraisablehook is not _late_restore_noise_filter.installed:
+      sys.unraisablehook = hook
+    for lg, level in zip(loggers, levels):
+      lg.setLevel(level)
+
+
+def _late_restore_noise_filter(previous):
+  """An unraisable-exception hook that drops what the reads of an abandoned Orbax restore report
+  after it failed ("Event loop is closed", "exception ignored in _read_array_index...") and passes
+  anything else on to `previous`."""
+  def hook(unraisable):
+    text = f"{unraisable.exc_value!r} {unraisable.object!r}"
+    if "Event loop is closed" in text or "_read_array_index" in text or "async_deserialize" in text:
+      return
+    previous(unraisable)
+  _late_restore_noise_filter.installed = hook
+  return hook
+
+
+_late_restore_noise_filter.installed = None
+
+
+def _keystr(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _layout(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{path: (shape, dtype)} of a tree of arrays / abstract arrays / Orbax array metadata."""
+  return {_keystr(p): (tuple(x.shape), str(np.dtype(x.dtype)))
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _check_layout(step_dir, abstract_state) -> None:
+  """Raises CheckpointMismatchError if the checkpoint in `step_dir` holds other arrays than this
+  config's train state (a checkpoint of another model or optimizer, not a damaged one). A checkpoint
+  whose metadata cannot be read raises something else: the caller treats it as damaged."""
+  tree = ocp.StandardCheckpointer().metadata(step_dir / "state").item_metadata
+  if tree is None:  # Orbax's answer when the tree metadata does not read back: damage
+    raise IOError("its array metadata cannot be read")
+  saved = _layout(tree)
+  want = _layout(abstract_state)
+  if saved == want:
+    return
+  missing, extra = sorted(set(want) - set(saved)), sorted(set(saved) - set(want))
+  shaped = sorted(k for k in set(want) & set(saved) if want[k] != saved[k])
+  what = []
+  if shaped:
+    k = shaped[0]
+    what.append(f"{len(shaped)} arrays differ in shape or dtype (e.g. {k}: saved {saved[k][0]} {saved[k][1]}, "
+                f"this config {want[k][0]} {want[k][1]})")
+  if missing:
+    what.append(f"{len(missing)} arrays of this config are not in it (e.g. {missing[0]})")
+  if extra:
+    what.append(f"{len(extra)} saved arrays are not in this config (e.g. {extra[0]})")
+  raise CheckpointMismatchError(
+      f"the checkpoint in {storage.display(step_dir)} was written by a different model or optimizer "
+      f"config: {'; '.join(what)}. Rerun with the config it was trained with (the workdir's "
+      f"{CONFIG_FILE} records it) or use a new --workdir")
+
+
+def _restore_newest(mngr, abstract_state, data_iter, ckpt_dir, is_main: bool):
+  """Restores the newest checkpoint that reads back; (None, None) if none does.
+
+  A damaged checkpoint (a truncated or missing array file, unreadable metadata) is reported in one
+  line and moved aside to `checkpoints/corrupt-<step>` (never deleted), so that the run can write
+  that step again; the next older one is tried. The data iterator is reset after a failed attempt,
+  so a run left with no valid checkpoint starts exactly as in a fresh workdir. A checkpoint of
+  another model or optimizer is not damage: that raises CheckpointMismatchError.
+  """
+  initial = data_iter.get_state()
+  steps = sorted(mngr.all_steps(), reverse=True)
+  for n, step in enumerate(steps):
+    step_dir = storage.as_path(ckpt_dir) / str(step)
     try:
-      out = mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
-          data=grain.checkpoint.CheckpointRestore(data_iter)))
+      with _quiet_restore():
+        if step_dir.exists():
+          _check_layout(step_dir, abstract_state)
+        out = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=grain.checkpoint.CheckpointRestore(data_iter)))
       return step, out.state
-    except Exception as e:  # pylint: disable=broad-except  # corrupt / partial checkpoint
-      log.warning("checkpoint at step %d cannot be restored (%s: %s); trying an older one",
-                  step, type(e).__name__, e)
+    except CheckpointMismatchError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # damaged / partial checkpoint
+      data_iter.set_state(initial)
+      reason = cli.describe(cli.root_cause(e))
+      moved = None
+      if is_main and step_dir.exists():
+        moved = storage.move_aside(step_dir, f"corrupt-{step}")
+      partitioning.sync_processes(f"mmret_move_aside_{step}")
+      mngr.reload()
+      then = f"trying step {steps[n + 1]}" if n + 1 < len(steps) else \
+          "no valid checkpoint left: starting from scratch, as in a fresh workdir"
+      where = f"moved to {storage.display(moved)}; " if moved is not None else ""
+      if is_main:
+        _console(f"warning: checkpoint at step {step} cannot be restored ({reason}); {where}{then}")
   return None, None
 
 
+# Config keys whose change between a run and its resumption does not change the trained result:
+# logging, checkpoint cadence, evaluation, input threads, kernel choices, the mesh layout.
+RESULT_NEUTRAL_KEYS = ("log_every", "eval_every", "checkpoint_every", "checkpoint.*", "stop_at_step",
+                       "on_nonfinite", "peak_flops_per_device", "init_rng_impl", "mesh.*",
+                       "data.num_threads", "data.prefetch", "data.eval_*", "eval.*",
+                       "model.attention", "model.norm", "model.remat")
+CONFIG_FILE = "config.json"
+
+
+def _flat_config(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat_config(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_json(config) -> str:
+  """The resolved config as JSON (tuples as lists; non-JSON values as strings)."""
+  return json.dumps(config.to_dict(), indent=1, sort_keys=True, default=str) + "\n"
+
+
+def changed_result_keys(old: dict, new: dict) -> list[str]:
+  """`key (old -> new)` for every result-altering key that differs between two config dicts."""
+  a, b = _flat_config(old), _flat_config(new)
+  out = []
+  for key in sorted(set(a) | set(b)):
+    if a.get(key, "<unset>") == b.get(key, "<unset>"):
+      continue
+    if any(fnmatch.fnmatchcase(key, pat) for pat in RESULT_NEUTRAL_KEYS):
+      continue
+    out.append(f"{key} ({a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r})")
+  return out
+
+
+def _record_config(workdir, config, resumed: bool) -> None:
+  """Writes `workdir/config.json`; on a resumed run first warns about changed result-altering keys."""
+  text = config_json(config)
+  path = workdir / CONFIG_FILE
+  if resumed and path.exists():
+    try:
+      old = json.loads(path.read_text())
+    except ValueError:
+      old = None
+    changed = changed_result_keys(old, json.loads(text)) if isinstance(old, dict) else []
+    if changed:
+      _console(f"warning: resuming with settings that change the result (the checkpoint was trained "
+               f"with the earlier ones): {', '.join(changed)}")
+  path.write_text(text)
+
+
+@dataclasses.dataclass
+class _Setup:
+  task: Any
+  state: Any
+  state_sh: Any
+  tx: Any
+  schedule: Any
+  data_iter: Any
+  mngr: Any
+  writer: Any
+  start: int
+  total_steps: int
+
+
 def train_and_evaluate(config, workdir: str | pathlib.Path) -> RunResult:
-  """Trains `config.task` in `workdir` (a local dir or a gs:// URL; resuming if possible)."""
+  """Trains `config.task` in `workdir` (a local dir or a gs:// URL; resuming if possible).
+
+  Nothing is left behind when the config, the mesh or the data turn out invalid before training
+  starts: a workdir this call created is removed again."""
   partitioning.maybe_initialize_distributed()
   workdir = storage.as_path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
-  mesh = partitioning.make_mesh(dict(config.mesh))
+  mesh = partitioning.make_mesh(dict(config.mesh))  # before anything is written
   dp = partitioning.data_parallel_size(mesh)
   global_batch = int(config.batch_size)
   if global_batch % dp or global_batch % jax.process_count():
@@ -199,12 +394,40 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> RunResult:
   accum = int(config.get("grad_accum_steps", 1))
   if global_batch % (accum * dp):
     raise ValueError(f"batch_size {global_batch} must divide by grad_accum_steps x data-parallel size")
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_main, console=tqdm.write)
 
+  created = is_main and not workdir.exists()
+  setup = None
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.RULES):
+      setup = _setup(config, workdir, mesh, global_batch, is_main)
+  except BaseException:
+    if created:
+      storage.rmtree(workdir)
+    raise
+  task, mngr, writer = setup.task, setup.mngr, setup.writer
+  with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.RULES):
+    step_fn = jax.jit(make_train_step(task, setup.tx, accum, config.get("on_nonfinite", "stop")),
+                      out_shardings=(setup.state_sh, partitioning.replicated(mesh)), donate_argnums=0)
+    state, last_eval, interrupted = _run(config, task, setup.state, step_fn, setup.data_iter, mngr, writer,
+                                         setup.schedule, mesh, setup.start, setup.total_steps, global_batch,
+                                         is_main)
+  mngr.wait_until_finished()
+  mngr.close()
+  writer.close()
+  total_steps = setup.total_steps
+  if int(jax.device_get(state.step)) == total_steps and is_main:
+    with storage.staged_dir(workdir / "model") as model_dir:  # uploaded when remote
+      task.export(state.params, model_dir)
+    writer.console(f"inference model: {workdir / 'model'} (python -m mmret_jax.embed --model {workdir} ...)")
+  return RunResult(eval=last_eval, state=state, total_steps=total_steps, interrupted=interrupted)
+
+
+def _setup(config, workdir, mesh, global_batch: int, is_main: bool) -> _Setup:
+  """Task, optimizer, shardings, data iterator, checkpoint restore (or init) and the metric writer."""
   task = tasks.get(config.task)(config, mesh, workdir)
   total_steps = resolve_total_steps(config, task.num_train_examples)
   tx, schedule = optim.make_optimizer(config.optim, total_steps, task.freeze_patterns())
-
   init_rng, train_rng = init_and_train_keys(config)
 
   def boxed_state():
@@ -212,23 +435,21 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> RunResult:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=train_rng)
 
-  with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.RULES):
-    abstract_boxed = jax.eval_shape(boxed_state)
-    partitioning.params_logical_specs(abstract_boxed.params)  # every param must carry axis names
-    state_sh = partitioning.logical_to_sharding(nn.get_partition_spec(abstract_boxed), mesh)
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            _strip_boxes(abstract_boxed), state_sh)
-    frozen, total_leaves = optim.count_frozen(config.optim, _strip_boxes(abstract_boxed.params),
-                                              task.freeze_patterns())
-    if (config.optim.get("freeze") or task.freeze_patterns()) and frozen == 0:
-      raise ValueError(f"optim.freeze patterns {list(config.optim.freeze)} match no param")
+  abstract_boxed = jax.eval_shape(boxed_state)
+  partitioning.params_logical_specs(abstract_boxed.params)  # every param must carry axis names
+  state_sh = partitioning.logical_to_sharding(nn.get_partition_spec(abstract_boxed), mesh)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          _strip_boxes(abstract_boxed), state_sh)
+  frozen, total_leaves = optim.count_frozen(config.optim, _strip_boxes(abstract_boxed.params),
+                                            task.freeze_patterns())
+  if (config.optim.get("freeze") or task.freeze_patterns()) and frozen == 0:
+    raise ValueError(f"optim.freeze patterns {list(config.optim.freeze)} match no param")
 
-    data_iter = task.train_iterator(global_batch // jax.process_count())
-    mngr = _checkpoint_manager(workdir, config)
-    start, state = _restore_newest(mngr, abstract, data_iter)
-    if state is not None:
-      writer.console(f"resumed from {workdir / 'checkpoints'} at step {start}")
-    else:
+  data_iter = task.train_iterator(global_batch // jax.process_count())
+  mngr = _checkpoint_manager(workdir, config)
+  try:
+    start, state = _restore_newest(mngr, abstract, data_iter, workdir / "checkpoints", is_main)
+    if state is None:
       state = jax.jit(lambda: nn.unbox(boxed_state()), out_shardings=state_sh)()
       if config.get("init_from"):
         host = task.load_init(jax.device_get(state.params))
@@ -237,21 +458,18 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> RunResult:
                                              opt_state=tx.init(p), rng=train_rng),
                         out_shardings=state_sh)(params)
       start = 0
-    if frozen:
-      writer.console(f"frozen: {frozen} of {total_leaves} param arrays")
-
-    step_fn = jax.jit(make_train_step(task, tx, accum, config.get("on_nonfinite", "stop")),
-                      out_shardings=(state_sh, partitioning.replicated(mesh)), donate_argnums=0)
-    state, last_eval = _run(config, task, state, step_fn, data_iter, mngr, writer, schedule, mesh,
-                            start, total_steps, global_batch, is_main)
-  mngr.wait_until_finished()
-  mngr.close()
-  writer.close()
-  if int(jax.device_get(state.step)) == total_steps and is_main:
-    with storage.staged_dir(workdir / "model") as model_dir:  # uploaded when remote
-      task.export(state.params, model_dir)
-    writer.console(f"inference model: {workdir / 'model'} (python -m mmret_jax.embed --model {workdir} ...)")
-  return RunResult(eval=last_eval, state=state, total_steps=total_steps)
+    if is_main:
+      _record_config(workdir, config, resumed=start > 0)
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main, console=tqdm.write, start_step=start)
+  except BaseException:
+    mngr.close()
+    raise
+  if start:
+    writer.console(f"resumed from {workdir / 'checkpoints'} at step {start}")
+  if frozen:
+    writer.console(f"frozen: {frozen} of {total_leaves} param arrays")
+  return _Setup(task=task, state=state, state_sh=state_sh, tx=tx, schedule=schedule, data_iter=data_iter,
+                mngr=mngr, writer=writer, start=start, total_steps=total_steps)
 
 
 def _run(config, task, state, step_fn, data_iter, mngr, writer, schedule, mesh, start, total_steps,
@@ -266,7 +484,7 @@ def _run(config, task, state, step_fn, data_iter, mngr, writer, schedule, mesh, 
   last_eval: dict[str, float] = {}
   pending = None  # previous step's (step, metrics, ids): checked one step late, no host stall
   skipped = 0
-  t0, window_steps, window_tokens = time.perf_counter(), 0, 0.0
+  t0, window_steps = time.perf_counter(), 0
 
   def check(p):
     nonlocal skipped
@@ -285,6 +503,7 @@ def _run(config, task, state, step_fn, data_iter, mngr, writer, schedule, mesh, 
                                             data=grain.checkpoint.CheckpointSave(data_iter)),
               metrics=metrics, force=True)
 
+  done = start
   pbar = tqdm(total=end, initial=start, disable=not is_main, desc=config.task, unit="step", dynamic_ncols=True)
   with _Stopper() as stopper:
     for step in range(start, end):
@@ -325,9 +544,11 @@ def _run(config, task, state, step_fn, data_iter, mngr, writer, schedule, mesh, 
         best = config.checkpoint.get("best_metric")
         save(done, last_eval if (best and eval_now and best in last_eval) else None)
       if stopper.requested:
-        writer.console(f"stop requested: saved step {done}; rerun the same command to resume")
+        writer.console(f"stop requested: saved step {done}; rerun the same command to resume "
+                       f"(exit status {cli.EXIT_INTERRUPTED})")
         break
+    interrupted = stopper.requested and done < total_steps
   pbar.close()
   if pending is not None:
     check(pending)
-  return state, last_eval
+  return state, last_eval, interrupted

@@ -43,17 +43,26 @@ def compiled_flops(compiled) -> float | None:
 class MetricWriter:
   """Writes scalars to the console, `metrics.jsonl` and TensorBoard event files (process 0 only).
 
-  With a remote workdir (gs://...) both files are written locally and uploaded after every write."""
+  With a remote workdir (gs://...) both files are written locally and uploaded after every write.
+  A run that starts at `start_step` (resumed from that checkpoint, or 0) first drops the rows of
+  `metrics.jsonl` logged after it by an earlier attempt (so no step appears twice) and tells
+  TensorBoard to hide that attempt's later events (`purge_step`)."""
 
-  def __init__(self, workdir: str | pathlib.Path, enabled: bool = True, console=None):
+  def __init__(self, workdir: str | pathlib.Path, enabled: bool = True, console=None, start_step: int = 0):
     self.enabled = enabled
     self.console = console or (lambda s: print(s, file=sys.stderr))
     self._tb = self._mirror = None
     if enabled:
       self._mirror = storage.Mirror(workdir, download=("metrics.jsonl",))  # appended to on resume
+      dropped = truncate_metrics(self._mirror.local / "metrics.jsonl", start_step)
+      if dropped:
+        self.console(f"metrics.jsonl: dropped {dropped} rows logged after step {start_step} by an "
+                     "earlier attempt")
+      tb_dir = self._mirror.local / "tensorboard"
+      earlier = tb_dir.is_dir() and any(tb_dir.iterdir())
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-        self._tb = SummaryWriter(str(self._mirror.local / "tensorboard"))
+        self._tb = SummaryWriter(str(tb_dir), purge_step=start_step + 1 if earlier else None)
       except ImportError:
         self.console("note: tensorboardX not installed; TensorBoard events are not written")
 
@@ -79,6 +88,28 @@ class MetricWriter:
 
 def _fmt(v: float) -> str:
   return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+
+
+def truncate_metrics(path: pathlib.Path, step: int) -> int:
+  """Drops the rows of a metrics.jsonl whose step is > `step` (and unreadable lines, e.g. one cut
+  short by a crash); returns how many went."""
+  if not path.exists():
+    return 0
+  keep, dropped = [], 0
+  for line in path.read_text(encoding="utf-8").splitlines():
+    try:
+      row_step = int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+      row_step = None
+    if row_step is None or row_step > step:
+      dropped += bool(line.strip())
+    else:
+      keep.append(line)
+  if dropped:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(l + "\n" for l in keep), encoding="utf-8")
+    tmp.replace(path)
+  return dropped
 
 
 def read_metrics(workdir: str | pathlib.Path) -> list[dict]:

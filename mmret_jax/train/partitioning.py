@@ -59,9 +59,16 @@ def mesh_shape(spec: Mapping[str, int], num_devices: int) -> tuple[int, int, int
       raise ValueError(f"{num_devices} devices do not divide into mesh {dict(zip(MESH_AXES, sizes))}")
     sizes[sizes.index(-1)] = num_devices // known
   if int(np.prod(sizes)) != num_devices:
-    raise ValueError(f"Mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
-                     f"{num_devices} available")
+    raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+                     f"{num_devices} available (--config.mesh.data=-1 takes whatever the other axes leave)")
   return tuple(sizes)  # type: ignore[return-value]
+
+
+def sync_processes(name: str) -> None:
+  """A barrier across processes (no-op in a single-process run)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)
 
 
 def make_mesh(spec: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
