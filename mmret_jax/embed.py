@@ -161,7 +161,7 @@ class Encoder:
             "(override with pooling= / normalize= / max_length=, or --pooling / --no-normalize / "
             "--max-length)", file=sys.stderr)
     model = convert.build_model(meta, hf_config, dtype=jnp.dtype(dtype))
-    tokenizer = _load_tokenizer(st_config.model_dir(path), required=meta.get("family") != "clip")
+    tokenizer = _load_tokenizer(st_config.model_dir(path), required=meta.get("family") not in ("clip", "blip"))
     return cls(model, jax.device_put(params), tokenizer, meta=meta, hf_config=hf_config, path=str(path),
                st_settings=settings)
 
@@ -174,20 +174,30 @@ class Encoder:
     return self.family == "clip"
 
   @property
+  def is_blip(self) -> bool:
+    return self.family == "blip"
+
+  @property
+  def has_image_tower(self) -> bool:
+    return self.family in ("clip", "blip")
+
+  @property
   def max_positions(self) -> int:
     """Longest input the position table allows (RoBERTa reserves pad_token_id + 1 slots)."""
-    if self.is_clip:
+    if self.has_image_tower:
       return self.model.config.text.max_position_embeddings
     c = self.model.config
     return c.max_position_embeddings - (c.pad_token_id + 1 if c.is_roberta else 0)
 
   @property
   def dim(self) -> int:
+    if self.is_blip:
+      return self.model.config.image_text_hidden_size
     return self.model.config.projection_dim if self.is_clip else self.model.config.hidden_size
 
   @functools.partial(jax.jit, static_argnums=(0, 4, 5))
   def _forward(self, params, ids, mask, pooling: str, normalize: bool):
-    if self.is_clip:  # EOS-pooled, projected (HF get_text_features)
+    if self.has_image_tower:  # CLIP: EOS-pooled, projected; BLIP: text-mode CLS, text_proj
       emb = self.model.apply({"params": params}, ids, mask, method="get_text_features").astype(jnp.float32)
     else:
       # CLS pooling reads position 0 of the last layer only: its other rows are not computed.
@@ -201,12 +211,67 @@ class Encoder:
     return l2_normalize(emb) if normalize else emb
 
   def image_config(self):
-    """Preprocessing from the model dir's preprocessor_config.json, else OpenAI CLIP defaults."""
+    """Preprocessing from the model dir's preprocessor_config.json, else the family's default
+    (CLIP: shortest edge + center crop; BLIP: `BlipImageProcessor`, resize to size x size)."""
     from mmret_jax.data import image  # pylint: disable=import-outside-toplevel
     cfg_file = pathlib.Path(self.path) / "preprocessor_config.json"
     if cfg_file.exists():
       return image.ImageConfig.from_preprocessor_config(cfg_file)
-    return image.ImageConfig.clip_default(self.model.config.vision.image_size)
+    size = self.model.config.vision.image_size
+    if self.is_blip:
+      return image.ImageConfig(size=(size, size), crop_size=None, do_center_crop=False)
+    return image.ImageConfig.clip_default(size)
+
+  def _pixels(self, images: Sequence, batch_size: int, cfg) -> np.ndarray:
+    """Preprocessed [batch_size, H, W, 3] (zero rows appended to a fixed shape)."""
+    from mmret_jax.data import image  # pylint: disable=import-outside-toplevel
+    pixels, _, _ = image.preprocess_batch(list(images), cfg, on_error="raise", num_threads=2)
+    if len(images) < batch_size:  # fixed shape: one compilation
+      pixels = np.concatenate([pixels, np.zeros((batch_size - len(images), *pixels.shape[1:]), np.float32)])
+    return pixels
+
+  @functools.partial(jax.jit, static_argnums=(0,))
+  def _itm_forward(self, params, pixels, ids, mask):
+    emb = self.model.apply({"params": params}, pixels, method="image_embeds")
+    logits = self.model.apply({"params": params}, ids, mask, emb, method="itm_logits")
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[:, 1]
+
+  def itm_scores(self, images: Sequence, texts: Sequence[str], *, batch_size: int = 16,
+                 max_length: int = 35, replace_cls_with_enc: bool = False, progress: bool = False) -> np.ndarray:
+    """BLIP's image-text matching probability for each (image, text) pair -> float32 [N].
+
+    The text encoder runs in multimodal mode (cross-attending the image tokens) and the ITM head's
+    softmax gives p(match). The ids are used as tokenised (HF `BlipForImageTextRetrieval`);
+    `replace_cls_with_enc=True` puts `[ENC]` first, as the original BLIP's ITM pass.
+    """
+    if not self.is_blip:
+      raise EmbedError(f"{self.path} is a {self.family} model; ITM scores need a BLIP model")
+    if isinstance(texts, str) or isinstance(images, (str, os.PathLike)):
+      raise EmbedError("itm_scores takes a list of images and a list of texts")
+    if len(images) != len(texts):
+      raise EmbedError(f"itm_scores pairs images with texts: got {len(images)} images, {len(texts)} texts")
+    if self.tokenizer is None:
+      raise EmbedError(f"No tokenizer in {self.path}: copy the tokenizer files there to score texts")
+    cfg = self.image_config()
+    max_length = min(int(max_length), self.max_positions)
+    out = np.zeros((len(texts),), np.float32)
+    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+    for start in tqdm(range(0, len(texts), batch_size), desc="ITM", unit="batch", disable=not progress):
+      chunk = list(texts[start:start + batch_size])
+      n = len(chunk)
+      ids = self.tokenize(chunk, max_length)
+      length = round_length(max(len(x) for x in ids), max_length)
+      arr = np.full((batch_size, length), self.tokenizer.pad_token_id, np.int32)
+      mask = np.zeros((batch_size, length), np.int32)
+      for row, x in enumerate(ids):
+        arr[row, :len(x)] = x
+        mask[row, :len(x)] = 1
+      mask[n:, 0] = 1
+      if replace_cls_with_enc:
+        arr[:, 0] = self.model.config.enc_token_id
+      pixels = self._pixels(images[start:start + batch_size], batch_size, cfg)
+      out[start:start + n] = np.asarray(self._itm_forward(self.params, jnp.asarray(pixels), arr, mask))[:n]
+    return out
 
   def encode_image(self, images: Sequence, *, batch_size: int = 32, normalize: bool = True,
                    progress: bool = False) -> np.ndarray:
@@ -214,8 +279,7 @@ class Encoder:
 
     A missing or corrupt image is an error naming it (embedding must not drop rows).
     """
-    from mmret_jax.data import image  # pylint: disable=import-outside-toplevel
-    if not self.is_clip:
+    if not self.has_image_tower:
       raise EmbedError(f"{self.path} is a text model ({self.family}); it has no image tower")
     if isinstance(images, (str, os.PathLike)):
       raise EmbedError("encode_image takes a list of images, not one")
@@ -225,9 +289,7 @@ class Encoder:
     for start in tqdm(range(0, len(images), batch_size), desc="embedding images", unit="batch",
                       disable=not progress):
       chunk = list(images[start:start + batch_size])
-      pixels, _, _ = image.preprocess_batch(chunk, cfg, on_error="raise", num_threads=2)
-      if len(chunk) < batch_size:  # fixed shape: one compilation
-        pixels = np.concatenate([pixels, np.zeros((batch_size - len(chunk), *pixels.shape[1:]), np.float32)])
+      pixels = self._pixels(chunk, batch_size, cfg)
       emb = self._image_forward(self.params, jnp.asarray(pixels), normalize)
       out[start:start + len(chunk)] = np.asarray(emb)[:len(chunk)]
     return out
@@ -248,12 +310,14 @@ class Encoder:
     """The settings an encode_text call uses: the caller's, else the sentence-transformers dir's,
     else the BLaIR defaults (CLS, normalised, 512 or the model's limit)."""
     st = self.st_settings
-    if self.is_clip:
-      if pooling not in (None, "eos"):
-        raise EmbedError("CLIP text embeddings are EOS-pooled and projected; --pooling does not apply")
-      pooling = "eos"
+    if self.has_image_tower:
+      fixed = "eos" if self.is_clip else "cls"
+      if pooling not in (None, fixed):
+        raise EmbedError(f"{self.family.upper()} text embeddings are {fixed.upper()}-pooled and projected; "
+                         "--pooling does not apply")
+      pooling = fixed
     pooling = pooling or (st.pooling if st else "cls")
-    if pooling not in POOLINGS and not self.is_clip:
+    if pooling not in POOLINGS and not self.has_image_tower:
       raise EmbedError(f"Unknown pooling {pooling!r}; choose from {POOLINGS}")
     normalize = (st.normalize if st else True) if normalize is None else bool(normalize)
     if max_length is None:
@@ -436,7 +500,7 @@ def _embed(args) -> int:
     emb = enc.encode_text(texts, pooling=args.pooling, max_length=args.max_length,
                           batch_size=args.batch_size, normalize=args.normalize, progress=True)
     used = enc.last_settings
-    what = (f"{'EOS-pooled text embeddings' if enc.is_clip else used['pooling'] + ' pooling'}, "
+    what = (f"{'projected text embeddings' if enc.has_image_tower else used['pooling'] + ' pooling'}, "
             f"{'L2-normalised' if used['normalize'] else 'raw'}, max_length {used['max_length']}")
     if enc.num_truncated:
       print(f"note: {enc.num_truncated} of {len(texts)} texts were longer than {enc.last_max_length} tokens "

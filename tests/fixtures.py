@@ -150,3 +150,49 @@ def override(config, over: dict):
       node = node[p]
     node[leaf] = v
   return config
+
+
+def blip_tokenizer():
+  """BLIP's text tokenizer layout: a WordPiece BERT tokenizer + `[DEC]` (bos) + `[ENC]`."""
+  tok = bert_tokenizer()
+  tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+  return tok
+
+
+def randomize_(model, seed: int = 0):
+  """Overwrites every param of a torch model (HF inits zero the biases, make LayerNorms identities and,
+  in BLIP's ViT, use std 1e-10): LayerNorms near identity, small biases, fan-in scaled weights."""
+  import torch  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "LayerNorm" in name or "layer_norm" in name or "layernorm" in name:
+        p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(p))
+      elif name.endswith("bias"):
+        p.copy_(0.05 * torch.randn_like(p))
+      elif "embedding" in name and "patch" not in name:
+        p.copy_(0.5 * torch.randn_like(p))
+      else:
+        p.copy_(torch.randn_like(p) / p[0].numel() ** 0.5)
+  return model.eval()
+
+
+def make_blip_dir(path, text: dict, vision: dict, width: int = 16, *, seed: int = 0, with_processor: bool = True):
+  """A tiny HF `BlipForImageTextRetrieval` dir: random weights, BLIP-style tokenizer (vocab = its size unless
+  `text` sets vocab_size and no tokenizer is wanted), `BlipImageProcessor` config. Returns (model, tok, proc)."""
+  import transformers as tf  # pylint: disable=import-outside-toplevel
+  path = pathlib.Path(path)
+  tok = blip_tokenizer() if "vocab_size" not in text else None
+  text = {"vocab_size": len(tok), **text} if tok is not None else text
+  cfg = tf.BlipConfig(text_config={**text, "encoder_hidden_size": vision["hidden_size"]}, vision_config=vision,
+                      image_text_hidden_size=width)
+  model = randomize_(tf.BlipForImageTextRetrieval(cfg), seed)
+  model.save_pretrained(path)
+  proc = None
+  if tok is not None:
+    tok.save_pretrained(path)
+  if with_processor:
+    proc_cls = getattr(tf, "BlipImageProcessorPil", tf.BlipImageProcessor)
+    proc = proc_cls(size={"height": vision["image_size"], "width": vision["image_size"]})
+    proc.save_pretrained(path)
+  return model, tok, proc

@@ -11,16 +11,19 @@ import numpy as np
 
 from mmret_jax import st_config, storage
 from mmret_jax.convert import bert as bert_family
+from mmret_jax.convert import blip as blip_family
 from mmret_jax.convert import clip as clip_family
 from mmret_jax.convert.core import (ConversionError, META_FILE, copy_tokenizer_files, is_converted_dir,
                                     read_converted, read_state_dict, write_converted)
 
 # family name -> key-map module; HF model_type -> family name.
-FAMILIES: dict[str, types.ModuleType] = {"bert": bert_family, "clip": clip_family}
+FAMILIES: dict[str, types.ModuleType] = {"bert": bert_family, "clip": clip_family, "blip": blip_family}
 MODEL_TYPE_TO_FAMILY = {**{mt: "bert" for mt in bert_family.MODEL_TYPES},
-                        **{mt: "clip" for mt in clip_family.MODEL_TYPES}}
-# Source formats that are not HF layouts: translated to HF keys + config first.
-SOURCE_FORMATS = {"openai-clip": clip_family.openai_to_hf}
+                        **{mt: "clip" for mt in clip_family.MODEL_TYPES},
+                        **{mt: "blip" for mt in blip_family.MODEL_TYPES}}
+# Source formats that are not HF layouts: translated to HF keys + config first. `blip` = the original
+# salesforce/BLIP .pth (an HF BLIP dir given with --family blip takes the HF path).
+SOURCE_FORMATS = {"openai-clip": clip_family.openai_to_hf, "blip": blip_family.original_to_hf}
 
 __all__ = ["ConversionError", "to_jax", "to_hf", "convert_in_memory", "load_any", "is_converted_dir"]
 
@@ -28,7 +31,7 @@ __all__ = ["ConversionError", "to_jax", "to_hf", "convert_in_memory", "load_any"
 def _family_for(hf_config: dict, family: str | None) -> tuple[str, types.ModuleType]:
   if family is not None:
     if family not in FAMILIES:
-      raise ConversionError(f"Unknown --family {family!r}; known: {', '.join(sorted([*FAMILIES, *SOURCE_FORMATS]))}")
+      raise ConversionError(f"Unknown --family {family!r}; known: {', '.join(sorted({*FAMILIES, *SOURCE_FORMATS}))}")
     return family, FAMILIES[family]
   mt = hf_config.get("model_type")
   if mt not in MODEL_TYPE_TO_FAMILY:
@@ -53,27 +56,37 @@ def _read_hf_config(src: pathlib.Path, config: str | os.PathLike | None) -> dict
 
 
 def convert_in_memory(src: str | os.PathLike, *, config: str | os.PathLike | None = None,
-                      family: str | None = None) -> tuple[dict, dict, dict]:
-  """HF dir or bare state dict -> (meta, hf_config, params) without writing anything."""
+                      family: str | None = None, image_size: int | None = None) -> tuple[dict, dict, dict]:
+  """HF dir or bare state dict -> (meta, hf_config, params) without writing anything.
+
+  `image_size`: for an original BLIP .pth, the input size its position table is resized to (384)."""
   src = pathlib.Path(src)
   if not src.exists():
     raise FileNotFoundError(f"Source not found: {src}")
   src = st_config.model_dir(src)  # a sentence-transformers dir: its Transformer module's folder
+  sd = read_state_dict(src) if family in SOURCE_FORMATS else None
+  if family == "blip" and not blip_family.is_original(sd):
+    family = None  # an HF BLIP dir / state dict: its config says the rest
+  if image_size is not None and family != "blip":
+    raise ConversionError("--image-size applies to original BLIP checkpoints (--family blip) only")
   if family in SOURCE_FORMATS:  # e.g. an OpenAI CLIP .pt/.pth: config inferred from the weights
-    sd, hf_config = SOURCE_FORMATS[family](read_state_dict(src))
+    opts = {}
+    if family == "blip":  # an original BLIP .pth: --config (an HF BlipConfig) may fix the dims
+      opts = {"image_size": image_size, "hf_config": _read_hf_config(src, config) if config else None}
+    sd, hf_config = SOURCE_FORMATS[family](sd, **opts)
     name, fam = _family_for(hf_config, None)
   else:
     hf_config = _read_hf_config(src, config)
     name, fam = _family_for(hf_config, family)  # an unsupported model type fails before reading weights
-    sd = read_state_dict(src)
+    sd = read_state_dict(src) if sd is None else sd
   params, meta = fam.to_params(sd, hf_config)
   return {"family": name, **meta}, hf_config, params
 
 
 def to_jax(src: str | os.PathLike, dst: str | os.PathLike, *, config=None, family=None,
-           tokenizer: str | os.PathLike | None = None) -> dict:
+           tokenizer: str | os.PathLike | None = None, image_size: int | None = None) -> dict:
   """Converts an HF dir (or bare .safetensors/.bin/.pth + config) into a converted dir."""
-  meta, hf_config, params = convert_in_memory(src, config=config, family=family)
+  meta, hf_config, params = convert_in_memory(src, config=config, family=family, image_size=image_size)
   src = pathlib.Path(src)
   model_src = st_config.model_dir(src)
   tok_src = tokenizer or (model_src if src.is_dir() else (pathlib.Path(config).parent if config else None))

@@ -20,7 +20,10 @@ def main(argv=None) -> int:
   a.add_argument("dst", help="output dir (created)")
   a.add_argument("--config", help="HF config.json (or a dir holding one) for a bare state dict")
   a.add_argument("--family", help="force the key map (default: from config model_type); "
-                                  "`openai-clip` reads an OpenAI CLIP state dict (no --config needed)")
+                                  "`openai-clip` reads an OpenAI CLIP state dict, `blip` an original "
+                                  "salesforce/BLIP .pth (model_base.pth, ...); neither needs --config")
+  a.add_argument("--image-size", type=int, default=None,
+                 help="original BLIP .pth only: input size the position table is resized to (default 384)")
   a.add_argument("--tokenizer", help="dir with tokenizer files (default: SRC, or --config's dir)")
   a.add_argument("--overwrite", action="store_true", help="replace an existing DST")
   b = sub.add_parser("to-hf", help="converted mmret_jax dir -> Hugging Face dir (safetensors)")
@@ -38,7 +41,8 @@ def main(argv=None) -> int:
 def _convert(args, dst: pathlib.Path) -> int:
   from mmret_jax import convert  # pylint: disable=import-outside-toplevel
   if args.cmd == "to-jax":
-    info = convert.to_jax(args.src, dst, config=args.config, family=args.family, tokenizer=args.tokenizer)
+    info = convert.to_jax(args.src, dst, config=args.config, family=args.family, tokenizer=args.tokenizer,
+                          image_size=args.image_size)
     layout = (f" prefix={info['hf_prefix']!r} heads(pooler={info['pooler']}, mlm={info['mlm']}, "
               f"cl={info['cl']})") if "hf_prefix" in info else ""
     print(f"converted {args.src} -> {dst}: family={info['family']}{layout} "

@@ -33,8 +33,9 @@ def rules(config: bert.BertConfig, *, prefix: str = "", pooler: bool = True, mlm
           cl: bool = False) -> list[Rule]:
   """Every (our path, HF key) pair of a BertModel with the given heads."""
   p = prefix
-  r = [Rule(("embeddings", n, "embedding"), f"{p}embeddings.{n}.weight")
-       for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")]
+  tables = ("word_embeddings", "position_embeddings") + (("token_type_embeddings",)
+                                                          if config.type_vocab_size > 0 else ())
+  r = [Rule(("embeddings", n, "embedding"), f"{p}embeddings.{n}.weight") for n in tables]
   r += norm_rules(("embeddings", "LayerNorm"), f"{p}embeddings.LayerNorm")
   for i in range(config.num_hidden_layers):
     ours, theirs = ("encoder", f"layer_{i}"), f"{p}encoder.layer.{i}"

@@ -43,10 +43,13 @@ class Rule:
   """our param path <-> torch key, with the value transform name (`linear` transposes)."""
   path: tuple[str, ...]
   key: str
-  kind: str = "copy"  # copy | linear ([out, in] <-> [in, out]) | conv ([O, I, kh, kw] <-> [kh, kw, I, O])
+  # copy | linear ([out, in] <-> [in, out]) | conv ([O, I, kh, kw] <-> [kh, kw, I, O]) |
+  # lead1 / lead2 (torch has 1 / 2 extra leading size-1 dims: BLIP's [1, N, D] / [1, 1, D] params)
+  kind: str = "copy"
 
 
 _NDIM = {"linear": 2, "conv": 4}
+_LEAD = {"lead1": 1, "lead2": 2}
 
 
 def linear_rules(path: tuple[str, ...], key: str, bias: bool = True) -> list[Rule]:
@@ -63,6 +66,11 @@ def norm_rules(path: tuple[str, ...], key: str) -> list[Rule]:
 def _to_ours(kind: str, x: np.ndarray) -> np.ndarray:
   if kind in _NDIM and x.ndim != _NDIM[kind]:
     raise ConversionError(f"expected a {_NDIM[kind]}-D {kind} weight, got shape {x.shape}")
+  if kind in _LEAD:
+    n = _LEAD[kind]
+    if x.ndim <= n or x.shape[:n] != (1,) * n:
+      raise ConversionError(f"expected {n} leading size-1 dims, got shape {x.shape}")
+    return x.reshape(x.shape[n:])
   if kind == "linear":
     return np.ascontiguousarray(x.T)
   if kind == "conv":
@@ -73,6 +81,8 @@ def _to_ours(kind: str, x: np.ndarray) -> np.ndarray:
 def _to_torch(kind: str, x: np.ndarray) -> np.ndarray:
   if kind == "conv":
     return np.ascontiguousarray(x.transpose(3, 2, 0, 1))
+  if kind in _LEAD:
+    return x.reshape((1,) * _LEAD[kind] + x.shape)
   return _to_ours(kind, x)  # copy and linear are involutions
 
 

@@ -5,7 +5,9 @@ absolute positions; RoBERTa's position ids start after `pad_token_id`), with
 optional heads: the pooler (`pooler/dense` + tanh), the MLM head (BERT
 `cls/predictions`, RoBERTa `lm_head`, decoder tied to the word embeddings), and
 the SimCSE / BLaIR training head `mlp/dense` + tanh. A layer's cross-attention
-sub-block (BLIP text encoder, BagFormer) is the `add_cross_attention` flag.
+sub-block (BLIP text encoder, BagFormer) is the `add_cross_attention` flag; it runs only when
+encoder states are given (BLIP's "multimodal" mode; without them, its "text" mode).
+`type_vocab_size=0` leaves out the token-type table (BLIP).
 
 Param paths mirror HF state-dict keys with `.` -> `/` and `encoder/layer/{i}`
 -> `encoder/layer_{i}` (see `mmret_jax/convert/bert.py`).
@@ -116,15 +118,17 @@ class BertEmbeddings(nn.Module):
     emb = lambda num, axes: layers.Embed(num, c.hidden_size, axes, param_dtype=self.param_dtype,
                                          init_std=c.initializer_range)
     self.word_embeddings = emb(c.vocab_size, ("vocab", "embed"))
-    self.token_type_embeddings = emb(c.type_vocab_size, (None, "embed"))
+    if c.type_vocab_size > 0:  # BLIP's text encoder has no token-type table (type_vocab_size 0)
+      self.token_type_embeddings = emb(c.type_vocab_size, (None, "embed"))
     self.position_embeddings = emb(c.max_position_embeddings, (None, "embed"))
     self.LayerNorm = layers.LayerNorm(c.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
     self.dropout = layers.Dropout(c.hidden_dropout_prob)
 
   def __call__(self, input_ids, token_type_ids, position_ids, deterministic=True):
     """[B, L] ids -> [B, L, D]."""
-    h = (self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
-         + self.position_embeddings(position_ids))
+    h = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+    if self.config.type_vocab_size > 0:
+      h = h + self.token_type_embeddings(token_type_ids)
     return self.dropout(self.LayerNorm(h), deterministic=deterministic)
 
   def attend(self, h: Array) -> Array:
@@ -169,9 +173,8 @@ class BertLayer(nn.Module):
       h = BertAttentionBlock(c, name="attention", **kw)(x[:, :1], x, mask[:, :, :1], deterministic)
     else:
       h = BertAttentionBlock(c, name="attention", **kw)(x, None, mask, deterministic)
-    if c.add_cross_attention:
-      if encoder_hidden_states is None:
-        raise ValueError("add_cross_attention=True needs encoder_hidden_states")
+    if c.add_cross_attention and encoder_hidden_states is not None:
+      # Without encoder states the block is skipped: BLIP's text mode (HF BlipTextLayer).
       h = BertAttentionBlock(c, name="crossattention", **kw)(
           h, encoder_hidden_states, encoder_mask, deterministic)
     inter = layers.DenseAct(c.intermediate_size, c.hidden_act, name="intermediate", **lkw)(h)

@@ -15,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmret_jax.models import layers
 
@@ -44,6 +45,9 @@ class ViTConfig:
   pre_layernorm: bool = True
   patch_bias: bool = False
   post_layernorm_all: bool = False
+  # Inputs of another size than image_size: False = an error (CLIP); True = the position grid is
+  # resized bicubically to the input's patch grid, as HF `interpolate_pos_encoding=True` (BLIP).
+  interpolate_pos_encoding: bool = False
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "ViTConfig":
@@ -52,6 +56,13 @@ class ViTConfig:
   @property
   def num_patches(self) -> int:
     return (self.image_size // self.patch_size) ** 2
+
+  def to_dict(self) -> dict[str, Any]:
+    """The HF config fields (layout flags left out: they follow from the model type)."""
+    d = dataclasses.asdict(self)
+    for k in ("pre_layernorm", "patch_bias", "post_layernorm_all", "interpolate_pos_encoding"):
+      d.pop(k)
+    return d
 
 
 PRESETS = {
@@ -144,6 +155,40 @@ class VisionTransformer(nn.Module):
     return out
 
 
+def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """[out, in] float64 weights of torch `interpolate(mode="bicubic", align_corners=False)` along one
+  axis: source x = (i + 0.5) * in / out - 0.5, cubic convolution with A = -0.75, edge indices
+  clamped (no antialiasing)."""
+  a = -0.75
+  m = np.zeros((out_size, in_size))
+  for i in range(out_size):
+    x = (i + 0.5) * in_size / out_size - 0.5
+    x0 = int(np.floor(x))
+    t = x - x0
+    for j, d in zip(range(x0 - 1, x0 + 3), (1 + t, t, 1 - t, 2 - t)):
+      w = ((a + 2) * d - (a + 3)) * d * d + 1 if d <= 1 else ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+      m[i, min(max(j, 0), in_size - 1)] += w
+  return m
+
+
+def resize_positions(table, grid_hw: tuple[int, int]):
+  """Position table [1 + g*g, D] (class token first) -> [1 + h*w, D] with the patch grid resized
+  bicubically to `grid_hw` (HF BLIP `interpolate_pos_encoding`, BLIP's `interpolate_pos_embed`).
+  Works on numpy (converters) and jax arrays (inside a model)."""
+  xp = jnp if isinstance(table, jax.Array) else np
+  g = int(round((table.shape[0] - 1) ** 0.5))
+  if g * g != table.shape[0] - 1:
+    raise ValueError(f"position table of {table.shape[0]} rows is not 1 + a square grid")
+  h, w = grid_hw
+  if (h, w) == (g, g):
+    return table
+  grid = table[1:].reshape(g, g, table.shape[-1])
+  mh, mw = (bicubic_matrix(g, n).astype(np.float32) for n in (h, w))
+  out = xp.einsum("pi,ijd,qj->pqd", mh, grid.astype(xp.float32), mw,
+                  **({"precision": jax.lax.Precision.HIGHEST} if xp is jnp else {}))
+  return xp.concatenate([table[:1], out.reshape(h * w, -1).astype(table.dtype)], axis=0)
+
+
 class _VisionEmbeddings(nn.Module):
   """HF CLIPVisionEmbeddings: `class_embedding`, `patch_embedding`, `position_embedding`."""
   config: ViTConfig
@@ -155,8 +200,12 @@ class _VisionEmbeddings(nn.Module):
     c = self.config
     if pixel_values.ndim != 4 or pixel_values.shape[-1] != c.num_channels:
       raise ValueError(f"expected NHWC images with {c.num_channels} channels, got {pixel_values.shape}")
-    if pixel_values.shape[1] != c.image_size or pixel_values.shape[2] != c.image_size:
-      raise ValueError(f"expected {c.image_size}x{c.image_size} images, got {pixel_values.shape[1:3]}")
+    size = tuple(pixel_values.shape[1:3])
+    if size != (c.image_size, c.image_size) and not (
+        c.interpolate_pos_encoding and size[0] % c.patch_size == 0 and size[1] % c.patch_size == 0):
+      raise ValueError(f"expected {c.image_size}x{c.image_size} images"
+                       f"{' (or multiples of the patch size ' + str(c.patch_size) + ')' if c.interpolate_pos_encoding else ''}"
+                       f", got {size[0]}x{size[1]}")
     patches = layers.PatchEmbed(c.hidden_size, c.patch_size, use_bias=c.patch_bias, init_std=c.initializer_range,
                                 dtype=self.dtype, param_dtype=self.param_dtype,
                                 name="patch_embedding")(pixel_values)
@@ -166,4 +215,7 @@ class _VisionEmbeddings(nn.Module):
     h = jnp.concatenate([cls, patches], axis=1)
     pos = layers.Embed(c.num_patches + 1, c.hidden_size, (None, "embed"), param_dtype=self.param_dtype,
                        init_std=c.initializer_range, name="position_embedding")
-    return h + pos(jnp.arange(c.num_patches + 1)).astype(self.dtype)[None]
+    table = pos(jnp.arange(c.num_patches + 1))
+    if patches.shape[1] != c.num_patches or size[0] != size[1]:
+      table = resize_positions(table, (size[0] // c.patch_size, size[1] // c.patch_size))
+    return h + table.astype(self.dtype)[None]
