@@ -112,3 +112,52 @@ def mask_tokens(rng: jax.Array, input_ids: jax.Array, special: jax.Array, *, mas
   random_ids = jax.random.randint(k4, input_ids.shape, 0, vocab_size, input_ids.dtype)
   out = jnp.where(to_mask, mask_token_id, input_ids)
   return jnp.where(to_random, random_ids, out), labels
+
+
+# ----------------------------------------------------------------------------- composed image retrieval
+# Bi-BLIP4CIR (shared/reference/bi_blip4cir.md, seed `src/clip_fine_tune.py` and `src/combiner_train.py`).
+# ref, tgt: raw image features [B, D]; txt_f / txt_b: raw text features of the forward / backward caption.
+# Forward: logits[a, b] = scale * <C(ref_a, txt_f_a), n(tgt_b)>, CE with targets a.
+# Reversed: logits_r[a, b] = scale * <C(T_b, txt_b_a), n(ref_a)>, CE with targets a, where T = n(tgt) in
+# stage I (its targets are normalised on extraction) and the raw tgt in stage II, as the seed does.
+
+
+def element_wise_sum(image: jax.Array, text: jax.Array) -> jax.Array:
+  """Stage-I fusion: normalize(image + text) (seed `utils.element_wise_sum`)."""
+  return l2_normalize(image.astype(jnp.float32) + text.astype(jnp.float32))
+
+
+def cir_sum_losses(ref: jax.Array, tgt: jax.Array, txt_f: jax.Array, txt_b: jax.Array,
+                   scale: float = 100.0) -> tuple[jax.Array, jax.Array]:
+  """Stage I (element-wise sum fusion): (forward loss, reversed loss).
+
+  The reversed logits need n(n(tgt_b) + txt_b_a) for every (a, b): computed from dot products,
+  <n(t_b + w_a), r_a> = (<t_b, r_a> + <w_a, r_a>) / max(|t_b + w_a|, 1e-12) with
+  |t_b + w_a|^2 = |t_b|^2 + |w_a|^2 + 2 <t_b, w_a>, without the [B, B, D] tensor.
+  """
+  ref, tgt, txt_f, txt_b = (x.astype(jnp.float32) for x in (ref, tgt, txt_f, txt_b))
+  t_n = l2_normalize(tgt)
+  labels = jnp.arange(ref.shape[0])
+  ce = lambda logits: optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  loss_f = ce(scale * element_wise_sum(ref, txt_f) @ t_n.T)
+  r_n = l2_normalize(ref)
+  num = r_n @ t_n.T + jnp.sum(txt_b * r_n, axis=-1, keepdims=True)                   # [a, b]
+  sq = (jnp.sum(t_n * t_n, -1)[None, :] + jnp.sum(txt_b * txt_b, -1, keepdims=True)
+        + 2.0 * txt_b @ t_n.T)
+  norm = jnp.maximum(jnp.sqrt(jnp.maximum(sq, 0.0)), 1e-12)
+  return loss_f, ce(scale * num / norm)
+
+
+def cir_combiner_losses(combine, ref: jax.Array, tgt: jax.Array, txt_f: jax.Array, txt_b: jax.Array,
+                        scale: float = 100.0) -> tuple[jax.Array, jax.Array]:
+  """Stage II (Combiner fusion `combine(image, text) -> normalised`): (forward loss, reversed loss).
+  The reversed term combines every (raw target b, backward caption a) pair: [B, B, D]."""
+  ref, tgt, txt_f, txt_b = (x.astype(jnp.float32) for x in (ref, tgt, txt_f, txt_b))
+  b = ref.shape[0]
+  labels = jnp.arange(b)
+  ce = lambda logits: optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  loss_f = ce(scale * combine(ref, txt_f) @ l2_normalize(tgt).T)
+  pairs = combine(jnp.broadcast_to(tgt[None, :, :], (b, b, tgt.shape[-1])),
+                  jnp.broadcast_to(txt_b[:, None, :], (b, b, txt_b.shape[-1])))  # [a, b, D]
+  logits_r = scale * jnp.einsum("abd,ad->ab", pairs, l2_normalize(ref))
+  return loss_f, ce(logits_r)

@@ -154,7 +154,47 @@ def parse_flags(argv):
 
 
 # ------------------------------------------------------------------------------------ main
+def _set_path(config, dotted: str, value) -> None:
+  *parents, leaf = dotted.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+
+
+def chained_runs(config, workdir: str) -> list[tuple[object, str]]:
+  """[(config, workdir)] to run in order. A config with `then` (e.g. the CIR `:smoke`: stage I, then
+  stage II) runs itself in `<workdir>/<then.first>` and then a copy with `then.overrides` applied in
+  `<workdir>/<then.name>`, initialised from the previous workdir when `then.init_from_previous`."""
+  import copy  # pylint: disable=import-outside-toplevel
+  then = config.get("then")
+  if not then:
+    return [(config, workdir)]
+  first = os.path.join(workdir, str(then.get("first", "stage1")))
+  nxt = copy.deepcopy(config)
+  with nxt.unlocked():
+    nxt.then = None
+    for key, value in then.overrides:
+      _set_path(nxt, key, value)
+    if then.get("init_from_previous"):
+      nxt.init_from, nxt.tokenizer = first, ""
+  with config.unlocked():
+    config.then = None
+  return [(config, first)] + chained_runs(nxt, os.path.join(workdir, str(then.name)))
+
+
 def train(config, workdir: str) -> int:
+  runs = chained_runs(config, workdir)
+  for i, (cfg, wd) in enumerate(runs):
+    if len(runs) > 1:
+      print(f"== run {i + 1} of {len(runs)}: {wd}", file=sys.stderr)
+    rc = _train_one(cfg, wd)
+    if rc:
+      return rc
+  return 0
+
+
+def _train_one(config, workdir: str) -> int:
   from mmret_jax import storage  # pylint: disable=import-outside-toplevel
   from mmret_jax.train import loop  # pylint: disable=import-outside-toplevel
   validate(config)
@@ -165,6 +205,9 @@ def train(config, workdir: str) -> int:
     if "eval/recall@10" in ev and ev.get("eval/num_items"):
       print(f"held-out Recall@10 = {ev['eval/recall@10']:.4f} (chance {min(1.0, 10 / ev['eval/num_items']):.4f} "
             f"over {int(ev['eval/num_items'])} items), NDCG@10 = {ev.get('eval/ndcg@10', float('nan')):.4f}")
+  if "eval/average_recall" in ev or "eval/recall_mean" in ev:
+    from mmret_jax.eval import cir as cir_eval  # pylint: disable=import-outside-toplevel
+    print(cir_eval.format_table({k[len("eval/"):]: v for k, v in ev.items() if k.startswith("eval/")}))
   print(f"workdir: {storage.display(workdir)}")
   if result.interrupted:
     print(f"interrupted at step {int(result.state.step)} of {result.total_steps} (checkpoint saved); "

@@ -26,3 +26,41 @@ def build_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1000, model_max_
   return RobertaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>",
                               cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
                               model_max_length=model_max_length)
+
+
+BLIP_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def build_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int = 1000, model_max_length: int = 512):
+  """An uncased BERT WordPiece tokenizer over `texts` -> `BertTokenizerFast` with BLIP's extra tokens:
+  `[DEC]` (bos) and `[ENC]` appended after the vocabulary (as BLIP's `init_tokenizer` adds them).
+
+  Deterministic (the `tokenizers` WordPiece trainer is not: its ties fall in hash order): the
+  vocabulary is the special tokens, every character seen (alone and as a `##` continuation), then the
+  most frequent words (ties by spelling) up to `vocab_size`."""
+  import collections  # pylint: disable=import-outside-toplevel
+  import tokenizers  # pylint: disable=import-outside-toplevel
+  from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+  from transformers import BertTokenizerFast
+  normalizer, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+  counts = collections.Counter()
+  for text in texts:
+    counts.update(w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)))
+  chars = sorted({ch for w in counts for ch in w})
+  vocab = list(BLIP_SPECIALS) + chars + [f"##{ch}" for ch in chars]
+  known = set(vocab)
+  for word, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+    if len(vocab) >= vocab_size:
+      break
+    if word not in known:
+      vocab.append(word)
+      known.add(word)
+  tok = tokenizers.Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+  tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre, decoders.WordPiece()
+  tok.post_processor = processors.TemplateProcessing(
+      single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+      special_tokens=[("[CLS]", vocab.index("[CLS]")), ("[SEP]", vocab.index("[SEP]"))])
+  fast = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
+                           cls_token="[CLS]", mask_token="[MASK]", model_max_length=model_max_length)
+  fast.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+  return fast

@@ -350,3 +350,184 @@ def validate_cirr_submission(recall: Mapping, recall_subset: Mapping, pair_ids: 
     if len(bad) > max_report:
       problems.append(f"{label}: ... {len(bad) - max_report} more")
   return problems
+
+
+# ---------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------
+def format_table(metrics: Mapping[str, float]) -> str:
+  """A printed table of FashionIQ (per category + average) or CIRR (recall + subset recall) results."""
+  if "average_recall" in metrics:
+    cats = [k[:-len("_recall_at10")] for k in metrics if k.endswith("_recall_at10") and not k.startswith("average")]
+    lines = [f"{'FashionIQ':<10} {'R@10':>7} {'R@50':>7}"]
+    lines += [f"{c:<10} {metrics[f'{c}_recall_at10']:7.2f} {metrics[f'{c}_recall_at50']:7.2f}" for c in cats]
+    lines.append(f"{'average':<10} {metrics['average_recall_at10']:7.2f} {metrics['average_recall_at50']:7.2f}"
+                 f"   (R@10 + R@50) / 2 = {metrics['average_recall']:.2f}")
+    return "\n".join(lines)
+  keys = [f"recall_at{k}" for k in CIRR_KS] + [f"group_recall_at{k}" for k in CIRR_SUBSET_KS]
+  heads = [f"R@{k}" for k in CIRR_KS] + [f"Rs@{k}" for k in CIRR_SUBSET_KS] + ["(R@5+Rs@1)/2"]
+  mean = metrics.get("recall_mean", metrics.get(CIRR_HEADLINE, float("nan")))
+  vals = [metrics.get(k, float("nan")) for k in keys] + [mean]
+  return "CIRR  " + " ".join(f"{h:>8}" for h in heads) + "\n      " + " ".join(f"{v:8.2f}" for v in vals)
+
+
+# ---------------------------------------------------------------------------
+# A loaded model and the command line
+# ---------------------------------------------------------------------------
+class CirModel:
+  """A composed-retrieval model for inference: a stage-I or stage-II training workdir (its `model/`
+  with `cir.json`, and `combiner/` after stage II), or a converted / Hugging Face BLIP dir (zero-shot:
+  element-wise-sum fusion, targetpad 1.25 at the model's image size, 77 tokens, the seed's prompts)."""
+
+  def __init__(self, path: str | os.PathLike, dtype: str = "float32"):
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    from mmret_jax import convert  # pylint: disable=import-outside-toplevel
+    from mmret_jax.convert.core import load_params  # pylint: disable=import-outside-toplevel
+    from mmret_jax.data import image as image_lib  # pylint: disable=import-outside-toplevel
+    from mmret_jax.models import blip, combiner  # pylint: disable=import-outside-toplevel
+    from mmret_jax.tasks import cir as cir_task  # pylint: disable=import-outside-toplevel
+    path = pathlib.Path(path)
+    if not path.exists():
+      raise FileNotFoundError(f"model not found: {path}")
+    if (path / "model").is_dir() and not convert.is_converted_dir(path):
+      path = path / "model"  # a training workdir
+    info_file = path / cir_task.CIR_FILE
+    self.info = json.loads(info_file.read_text()) if info_file.exists() else {
+        "stage": 0, "fusion": "sum", "image": {"size": 0, "transform": "targetpad", "target_ratio": 1.25},
+        "max_length": 77, "prompt_quirk": True}
+    self.config, params, meta, _ = cir_task.load_blip(path, int(self.info["image"]["size"] or 384))
+    self.tokenizer = cir_task.blip_tokenizer(path)
+    img = self.info["image"]
+    self.image_config = image_lib.ImageConfig.clip_default(
+        int(img["size"] or self.config.vision.image_size), pad_mode=img["transform"],
+        target_ratio=float(img["target_ratio"]), crop_offsets="torchvision", alpha="drop")
+    self.vision = blip.BlipRetrieval(self.config, add_itm_head=bool(meta.get("itm_head", True)), dtype=jnp.dtype(dtype))
+    self.tower = blip.BlipTextTower(self.config, dtype=jnp.dtype(dtype))
+    self.vision_params = {k: params[k] for k in ("vision_model", "vision_proj")}
+    self.text_params = {"text_encoder": cir_task._drop_cross_attention(params["text_encoder"]),  # pylint: disable=protected-access
+                        "text_proj": params["text_proj"]}
+    self.path, self.fusion, self._fns = path, self.info["fusion"], {}
+    if self.fusion == "combiner":
+      self.combiner = combiner.Combiner(combiner.CombinerConfig(**self.info["combiner"]), dtype=jnp.dtype(dtype))
+      self.combiner_params = load_params(path / cir_task.COMBINER_DIR)
+
+  def image_features(self, paths: Sequence[str], *, mesh=None, cache_root=None, batch_size: int = 32,
+                     kind: str = "eval-image", log=print) -> tuple[np.ndarray, np.ndarray]:
+    """Raw image features and readability flags of `paths`, cached under `cache_root`."""
+    import dataclasses as dc  # pylint: disable=import-outside-toplevel
+    from mmret_jax import storage  # pylint: disable=import-outside-toplevel
+    from mmret_jax.data import feature_cache  # pylint: disable=import-outside-toplevel
+    from mmret_jax.tasks import cir as cir_task  # pylint: disable=import-outside-toplevel
+    from mmret_jax.train import partitioning  # pylint: disable=import-outside-toplevel
+    mesh = mesh or partitioning.make_mesh({"data": -1})
+    desc = {"weights": feature_cache.params_digest(self.vision_params), "model": self.config.vision.to_dict(),
+            "image": dc.asdict(self.image_config), "dtype": str(self.vision.dtype),
+            "files": feature_cache.files_fingerprint(paths)}
+    root = pathlib.Path(cache_root) if cache_root else storage.CACHE_DIR.parent / "features"
+    feats, ok, _ = feature_cache.cached_features(
+        root, kind, desc, [str(p) for p in paths],
+        lambda: cir_task.extract_image_features(self.vision, self.vision_params, list(map(str, paths)),
+                                                self.image_config, mesh, batch_size, log=log), log=log)
+    return feats, ok
+
+  def query_features(self, ref_features: np.ndarray, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+    """Composed queries from raw reference features and (prompted) texts."""
+    import jax  # pylint: disable=import-outside-toplevel
+    from mmret_jax import losses  # pylint: disable=import-outside-toplevel
+    from mmret_jax.tasks import cir as cir_task  # pylint: disable=import-outside-toplevel
+    txt = cir_task.encode_texts(self.tower, self.text_params, self.tokenizer, texts, int(self.info["max_length"]),
+                                batch_size, self._fns)
+    if self.fusion == "sum":
+      return np.asarray(losses.element_wise_sum(ref_features, txt))
+    if "combine" not in self._fns:
+      self._fns["combine"] = jax.jit(lambda p, i, t: self.combiner.apply({"params": p}, i, t))
+    return np.asarray(self._fns["combine"](self.combiner_params, ref_features, txt))
+
+  def texts(self, queries) -> list[str]:
+    from mmret_jax.data.sources import cir as cir_data  # pylint: disable=import-outside-toplevel
+    return [cir_data.eval_text(q, bool(self.info.get("prompt_quirk", True))) for q in queries]
+
+
+def _dataset_args(ap) -> None:
+  ap.add_argument("--model", required=True, help="stage-I / stage-II workdir, or a converted / HF BLIP dir "
+                                                 "(zero-shot, element-wise sum)")
+  ap.add_argument("--data-root", default="", help="dataset root in the official layout (default: the bundled "
+                                                  "real annotations, which need --image-root or --synthetic-images)")
+  ap.add_argument("--image-root", default="", help="where the images are (default: FashionIQ: DATA_ROOT; CIRR: "
+                                                   "the folder holding cirr/)")
+  ap.add_argument("--synthetic-images", action="store_true",
+                  help="write generated images for missing files first (demos and tests; never real numbers)")
+  ap.add_argument("--feature-cache", default="", help="image feature cache dir (default ~/.cache/mmret_jax/features)")
+  ap.add_argument("--batch-size", type=int, default=32, help="images / texts per batch")
+  ap.add_argument("--max-queries", type=int, default=0, help="evaluate the first N queries only (0 = all)")
+  ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+
+
+def _load_data(args, dataset: str, split: str):
+  from mmret_jax import storage  # pylint: disable=import-outside-toplevel
+  from mmret_jax.data.sources import cir as cir_data  # pylint: disable=import-outside-toplevel
+  root = args.data_root or cir_data.sample_root(dataset)
+  image_root = args.image_root or None
+  if image_root is None and args.synthetic_images:
+    image_root = storage.CACHE_DIR.parent / "cir_synthetic" / dataset
+  elif image_root is None and not args.data_root:
+    raise ValueError("the bundled annotations have no images: pass --data-root (the dataset) or --image-root, "
+                     "or --synthetic-images for a demo")
+  kw = {"categories": tuple(args.categories.split(","))} if dataset == "fashioniq" and getattr(
+      args, "categories", "") else {}
+  data = cir_data.load(dataset, root, split=split, image_root=image_root, **kw)
+  if args.max_queries > 0:
+    data.queries = data.queries[:args.max_queries]
+  if args.synthetic_images:
+    from mmret_jax.data.samples import make_cir_images  # pylint: disable=import-outside-toplevel
+    make_cir_images.write_synthetic_images(data)
+  return data
+
+
+def features_for(model: CirModel, data, args, log) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
+  """({name: row}, raw features, ok) of every image the split's queries and galleries use."""
+  names = sorted({n for g in data.eval_groups() for n in g.index_names} | {q.reference for q in data.queries})
+  paths = [str(data.image_path(n)) for n in names]
+  feats, ok = model.image_features(paths, cache_root=args.feature_cache or None, batch_size=args.batch_size,
+                                   kind=f"{data.dataset}-{data.split}-image", log=log)
+  return {n: i for i, n in enumerate(names)}, feats, ok
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  from mmret_jax import cli  # pylint: disable=import-outside-toplevel
+  ap = cli.ArgumentParser(prog="python -m mmret_jax.eval.cir",
+                          description="Evaluate a composed image retrieval model on FashionIQ or CIRR (val).")
+  _dataset_args(ap)
+  ap.add_argument("--dataset", required=True, choices=("cirr", "fashioniq"))
+  ap.add_argument("--split", default="val", help="annotation split with targets (val)")
+  ap.add_argument("--categories", default="dress,shirt,toptee", help="FashionIQ categories")
+  ap.add_argument("--output", default="", help="also write the metrics as JSON here")
+  args = ap.parse_args(argv)
+  return cli.run(lambda: _evaluate(args))
+
+
+def _evaluate(args) -> int:
+  import sys  # pylint: disable=import-outside-toplevel
+  from mmret_jax.tasks import cir as cir_task  # pylint: disable=import-outside-toplevel
+  log = lambda s: print(s, file=sys.stderr)
+  data = _load_data(args, args.dataset, args.split)
+  if any(q.target is None for q in data.queries):
+    raise ValueError(f"{args.dataset} {args.split} has no targets; use the val split (CIRR test1: "
+                     "python -m mmret_jax.eval.cir_submission)")
+  model = CirModel(args.model, args.dtype)
+  index, feats, ok = features_for(model, data, args, log)
+  metrics = cir_task.evaluate_cir(
+      data, lambda qs: model.query_features(feats[[index[q.reference] for q in qs]], model.texts(qs), args.batch_size),
+      lambda n: n in index and bool(ok[index[n]]), lambda names: feats[[index[n] for n in names]])
+  print(format_table(metrics))
+  if metrics.get("queries_skipped") or metrics.get("images_skipped"):
+    print(f"skipped: {int(metrics['queries_skipped'])} queries, {int(metrics['images_skipped'])} gallery images "
+          "(missing or unreadable images)")
+  if args.output:
+    pathlib.Path(args.output).write_text(json.dumps(metrics, indent=1, sort_keys=True))
+  return 0
+
+
+if __name__ == "__main__":
+  import sys  # pylint: disable=ungrouped-imports
+  sys.exit(main())

@@ -139,9 +139,7 @@ class BlipRetrieval(nn.Module):
   def get_text_features(self, input_ids: Array, attention_mask: Array | None = None, *,
                         deterministic: bool = True) -> Array:
     """Text mode: [B, L] -> text_proj(CLS) [B, image_text_hidden_size], unnormalised."""
-    h = self.text_encoder(input_ids, attention_mask, deterministic=deterministic,
-                          cls_only_last_layer=True)["last_hidden_state"]
-    return self.text_proj(h[:, 0])
+    return text_features(self.text_encoder, self.text_proj, input_ids, attention_mask, deterministic)
 
   def itm_logits(self, input_ids: Array, attention_mask: Array | None, image_embeds: Array, *,
                  deterministic: bool = True, replace_cls_with_enc: bool = False) -> Array:
@@ -166,6 +164,35 @@ class BlipRetrieval(nn.Module):
       out["multimodal"] = self.text_encoder(input_ids, attention_mask, encoder_hidden_states=img,
                                             deterministic=deterministic)["last_hidden_state"]
     return out
+
+
+def text_features(text_encoder: bert.BertModel, text_proj: nn.Module, input_ids: Array,
+                  attention_mask: Array | None, deterministic: bool = True) -> Array:
+  """Text-mode CLS through `text_proj` (only position 0 of the last layer is computed)."""
+  h = text_encoder(input_ids, attention_mask, deterministic=deterministic,
+                   cls_only_last_layer=True)["last_hidden_state"]
+  return text_proj(h[:, 0])
+
+
+class BlipTextTower(nn.Module):
+  """`text_encoder` + `text_proj` alone, with BlipRetrieval's param names: the part Bi-BLIP4CIR's
+  stage I trains. [B, L] -> text_proj(CLS) [B, image_text_hidden_size], unnormalised."""
+  config: BlipConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  def setup(self):
+    c = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    # No cross-attention params: text mode never runs them (BlipRetrieval keeps them for ITM).
+    self.text_encoder = bert.BertModel(dataclasses.replace(c.text, add_cross_attention=False),
+                                       add_pooling_layer=False, remat=self.remat, **kw)
+    self.text_proj = layers.Dense(c.image_text_hidden_size, ("embed", "mlp"), init_std=0.02, **kw)
+
+  def __call__(self, input_ids: Array, attention_mask: Array | None = None, *,
+               deterministic: bool = True) -> Array:
+    return text_features(self.text_encoder, self.text_proj, input_ids, attention_mask, deterministic)
 
 
 def init_params(model: BlipRetrieval, rng: Array, seq_len: int = 8) -> dict:

@@ -7,6 +7,7 @@ import importlib
 TASKS = {
     "blair": "mmret_jax.tasks.blair:BlairTask",
     "blair_clip": "mmret_jax.tasks.blair_clip:BlairClipTask",
+    "cir": "mmret_jax.tasks.cir:CirTask",
 }
 
 

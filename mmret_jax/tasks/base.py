@@ -27,6 +27,11 @@ class Task:
   def num_train_examples(self) -> int:
     raise NotImplementedError
 
+  def steps_per_epoch(self, global_batch: int) -> int | None:
+    """Steps in one epoch if the pipeline defines epochs exactly (e.g. drops each epoch's last partial
+    batch); None = ceil(num_train_examples / global_batch)."""
+    return None
+
   def init_params(self, rng: jax.Array) -> Any:
     """Boxed (logically partitioned) params; pure and traceable."""
     raise NotImplementedError

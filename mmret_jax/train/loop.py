@@ -165,12 +165,16 @@ def init_and_train_keys(config) -> tuple[jax.Array, jax.Array]:
   return init_rng, train_rng
 
 
-def resolve_total_steps(config, num_train_examples: int) -> int:
+def resolve_total_steps(config, num_train_examples: int, steps_per_epoch: int | None = None) -> int:
+  """`total_steps`, else `num_epochs` epochs: of `steps_per_epoch` steps when the task says (e.g. a
+  pipeline that drops each epoch's last partial batch), else ceil(examples / batch) per epoch."""
   if int(config.total_steps) > 0:
     return int(config.total_steps)
   epochs = float(config.get("num_epochs", 0) or 0)
   if epochs <= 0:
     raise ValueError("Set config.total_steps > 0 or config.num_epochs > 0")
+  if steps_per_epoch:
+    return max(1, math.ceil(epochs * steps_per_epoch))
   return max(1, math.ceil(epochs * num_train_examples / int(config.batch_size)))
 
 
@@ -426,8 +430,10 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> RunResult:
 def _setup(config, workdir, mesh, global_batch: int, is_main: bool) -> _Setup:
   """Task, optimizer, shardings, data iterator, checkpoint restore (or init) and the metric writer."""
   task = tasks.get(config.task)(config, mesh, workdir)
-  total_steps = resolve_total_steps(config, task.num_train_examples)
-  tx, schedule = optim.make_optimizer(config.optim, total_steps, task.freeze_patterns())
+  task_epoch = task.steps_per_epoch(global_batch)
+  total_steps = resolve_total_steps(config, task.num_train_examples, task_epoch)
+  steps_per_epoch = task_epoch or max(1, math.ceil(task.num_train_examples / global_batch))
+  tx, schedule = optim.make_optimizer(config.optim, total_steps, task.freeze_patterns(), steps_per_epoch)
   init_rng, train_rng = init_and_train_keys(config)
 
   def boxed_state():
@@ -444,6 +450,9 @@ def _setup(config, workdir, mesh, global_batch: int, is_main: bool) -> _Setup:
                                             task.freeze_patterns())
   if (config.optim.get("freeze") or task.freeze_patterns()) and frozen == 0:
     raise ValueError(f"optim.freeze patterns {list(config.optim.freeze)} match no param")
+  for group in tuple(config.optim.get("lr_groups", ()) or ()):
+    if not optim.count_matches(group[0], _strip_boxes(abstract_boxed.params)):
+      raise ValueError(f"optim.lr_groups pattern {group[0]!r} matches no param")
 
   data_iter = task.train_iterator(global_batch // jax.process_count())
   mngr = _checkpoint_manager(workdir, config)
@@ -480,11 +489,11 @@ def _run(config, task, state, step_fn, data_iter, mngr, writer, schedule, mesh, 
   ckpt_every = int(config.checkpoint_every)
   on_nonfinite = config.get("on_nonfinite", "stop")
   peak = metrics_lib.peak_flops_per_device(float(config.get("peak_flops_per_device", 0.0)))
-  compiled, flops = None, None
+  compiled, flops = {}, {}  # one program (and its FLOPs) per batch shape signature (e.g. length buckets)
   last_eval: dict[str, float] = {}
   pending = None  # previous step's (step, metrics, ids): checked one step late, no host stall
   skipped = 0
-  t0, window_steps = time.perf_counter(), 0
+  t0, window_steps, window_flops = time.perf_counter(), 0, 0.0
 
   def check(p):
     nonlocal skipped
@@ -510,10 +519,12 @@ def _run(config, task, state, step_fn, data_iter, mngr, writer, schedule, mesh, 
       batch = next(data_iter)
       ids = batch.pop("index", None)
       gbatch = partitioning.make_global_batch(batch, mesh)
-      if compiled is None:
-        compiled = step_fn.lower(state, gbatch).compile()
-        flops = metrics_lib.compiled_flops(compiled)
-      state, m = compiled(state, gbatch)
+      shapes = tuple((k, v.shape) for k, v in sorted(gbatch.items()))
+      if shapes not in compiled:
+        compiled[shapes] = step_fn.lower(state, gbatch).compile()
+        flops[shapes] = metrics_lib.compiled_flops(compiled[shapes])
+      state, m = compiled[shapes](state, gbatch)
+      window_flops = window_flops + flops[shapes] if flops[shapes] and window_flops is not None else None
       if pending is not None:
         check(pending)
       pending = (step + 1, m, ids)
@@ -529,10 +540,10 @@ def _run(config, task, state, step_fn, data_iter, mngr, writer, schedule, mesh, 
         row["samples_per_s"] = window_steps * global_batch / dt
         if "tokens" in row:
           row["tokens_per_s"] = window_steps * row.pop("tokens") / dt
-        if flops and peak:
-          row["mfu"] = window_steps * flops / dt / peak
+        if window_flops and peak:
+          row["mfu"] = window_flops / dt / peak
         writer.write(done, row)
-        t0, window_steps = time.perf_counter(), 0
+        t0, window_steps, window_flops = time.perf_counter(), 0, 0.0
       eval_now = (eval_every > 0 and done % eval_every == 0) or (done == total_steps and eval_every >= 0)
       if eval_now:
         last_eval = {f"eval/{k}": float(v) for k, v in task.evaluate(state.params).items()}

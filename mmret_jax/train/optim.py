@@ -2,8 +2,13 @@
 norms and biases, global-norm clipping, freezing by param-path regex.
 
 Config (`config.optim`):
-  learning_rate, warmup_steps | warmup_fraction, schedule (linear|cosine|constant), end_lr_factor,
-  b1, b2, eps, weight_decay, no_decay (regexes), grad_clip_norm (0 = off), freeze (regexes).
+  learning_rate, warmup_steps | warmup_fraction, schedule (linear|cosine|constant|epoch_cosine),
+  end_lr_factor, b1, b2, eps, weight_decay, no_decay (regexes), grad_clip_norm (0 = off),
+  freeze (regexes);
+  epoch_cosine: cosine_epochs, cosine_clamp (BLIP's per-epoch `cosine_lr_schedule`);
+  lr_groups: ((regex, lr multiplier, schedule), ...): params matching a regex get their own AdamW
+  with learning_rate x multiplier on `schedule` ("" = the main schedule, or any kind above),
+  e.g. Bi-BLIP4CIR's `text_proj` at 100x, constant.
 Paths are '/'-joined param paths, e.g. `encoder/encoder/layer_0/attention/self/query/kernel`.
 """
 
@@ -14,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import optax
 
 NO_DECAY_DEFAULT = (r".*/bias$", r".*(LayerNorm|layer_norm|layernorm|norm[^/]*)/scale$")
@@ -35,13 +41,39 @@ def matches(patterns: Sequence[str]) -> Callable[[str], bool]:
   return lambda path: any(c.search(path) for c in compiled)
 
 
-def make_schedule(cfg, total_steps: int) -> optax.Schedule:
-  lr = float(cfg.learning_rate)
+SCHEDULES = ("linear", "cosine", "constant", "epoch_cosine")
+
+
+def epoch_cosine_schedule(lr: float, end: float, steps_per_epoch: int, cosine_epochs: int,
+                          clamp: bool = False) -> optax.Schedule:
+  """BLIP's `cosine_lr_schedule`, called once per epoch: lr(e) = end + (lr - end) * (1 + cos(pi e /
+  cosine_epochs)) / 2, e = the epoch of the step. Unclamped (as Bi-BLIP4CIR runs it) the lr rises
+  again after `cosine_epochs`; `clamp` holds it at `end`."""
+  if steps_per_epoch < 1 or cosine_epochs < 1:
+    raise ValueError(f"epoch_cosine needs steps_per_epoch >= 1 and cosine_epochs >= 1, got "
+                     f"{steps_per_epoch}, {cosine_epochs}")
+
+  def schedule(step):
+    epoch = jnp.floor_divide(jnp.asarray(step, jnp.int32), steps_per_epoch).astype(jnp.float32)
+    if clamp:
+      epoch = jnp.minimum(epoch, float(cosine_epochs))
+    return end + (lr - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / cosine_epochs))
+  return schedule
+
+
+def make_schedule(cfg, total_steps: int, steps_per_epoch: int | None = None, kind: str | None = None,
+                  scale: float = 1.0) -> optax.Schedule:
+  lr = float(cfg.learning_rate) * scale
   warmup = int(cfg.get("warmup_steps", 0) or round(float(cfg.get("warmup_fraction", 0.0)) * total_steps))
   warmup = min(warmup, total_steps)
   decay_steps = max(total_steps - warmup, 1)
   end = lr * float(cfg.get("end_lr_factor", 0.0))
-  kind = cfg.get("schedule", "linear")
+  kind = kind or cfg.get("schedule", "linear")
+  if kind == "epoch_cosine":
+    if warmup:
+      raise ValueError("optim.schedule=epoch_cosine has no warmup; set warmup_steps=0")
+    return epoch_cosine_schedule(lr, end, steps_per_epoch or 0, int(cfg.get("cosine_epochs", 10)),
+                                 bool(cfg.get("cosine_clamp", False)))
   if kind == "linear":
     decay = optax.linear_schedule(lr, end, decay_steps)
   elif kind == "cosine":
@@ -49,25 +81,38 @@ def make_schedule(cfg, total_steps: int) -> optax.Schedule:
   elif kind == "constant":
     decay = optax.constant_schedule(lr)
   else:
-    raise ValueError(f"optim.schedule must be linear|cosine|constant, got {kind!r}")
+    raise ValueError(f"optim.schedule must be one of {'|'.join(SCHEDULES)}, got {kind!r}")
   if warmup == 0:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
 
 
-def make_optimizer(cfg, total_steps: int, extra_freeze: Sequence[str] = ()
+def make_optimizer(cfg, total_steps: int, extra_freeze: Sequence[str] = (), steps_per_epoch: int | None = None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Returns (tx, schedule). Frozen params (`cfg.freeze` + `extra_freeze` regexes) get zero
-  updates, so they stay bitwise unchanged."""
-  schedule = make_schedule(cfg, total_steps)
+  """Returns (tx, schedule of the main group). Frozen params (`cfg.freeze` + `extra_freeze` regexes)
+  get zero updates, so they stay bitwise unchanged."""
+  schedule = make_schedule(cfg, total_steps, steps_per_epoch)
   no_decay = matches(tuple(cfg.get("no_decay", NO_DECAY_DEFAULT)))
   decay_mask = lambda params: _map_paths(lambda p: not no_decay(p), params)
+  adamw = lambda sched: optax.adamw(sched, b1=float(cfg.get("b1", 0.9)), b2=float(cfg.get("b2", 0.999)),
+                                    eps=float(cfg.get("eps", 1e-8)),
+                                    weight_decay=float(cfg.get("weight_decay", 0.0)), mask=decay_mask)
   parts = []
   if float(cfg.get("grad_clip_norm", 0.0)) > 0:
     parts.append(optax.clip_by_global_norm(float(cfg.grad_clip_norm)))
-  parts.append(optax.adamw(schedule, b1=float(cfg.get("b1", 0.9)), b2=float(cfg.get("b2", 0.999)),
-                           eps=float(cfg.get("eps", 1e-8)), weight_decay=float(cfg.get("weight_decay", 0.0)),
-                           mask=decay_mask))
+  groups = tuple(cfg.get("lr_groups", ()) or ())
+  if groups:  # one AdamW per group (the same per-parameter math; its own learning rate)
+    inner = {"main": adamw(schedule)}
+    for i, group in enumerate(groups):
+      if len(group) != 3:
+        raise ValueError(f"optim.lr_groups entries are (regex, lr multiplier, schedule), got {group!r}")
+      _, mult, kind = group
+      inner[f"group{i}"] = adamw(make_schedule(cfg, total_steps, steps_per_epoch, kind or None, float(mult)))
+    pats = [matches((g[0],)) for g in groups]
+    group_of = lambda p: next((f"group{i}" for i, m in enumerate(pats) if m(p)), "main")
+    parts.append(optax.multi_transform(inner, lambda params: _map_paths(group_of, params)))
+  else:
+    parts.append(adamw(schedule))
   tx = optax.chain(*parts)
   freeze = tuple(cfg.get("freeze", ())) + tuple(extra_freeze)
   if freeze:
@@ -75,6 +120,11 @@ def make_optimizer(cfg, total_steps: int, extra_freeze: Sequence[str] = ()
     labels = lambda params: _map_paths(lambda p: "frozen" if frozen(p) else "train", params)
     tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
   return tx, schedule
+
+
+def count_matches(pattern: str, params: Any) -> int:
+  """How many param leaves a regex matches."""
+  return sum(jax.tree.leaves(_map_paths(matches((pattern,)), params)))
 
 
 def count_frozen(cfg, params: Any, extra_freeze: Sequence[str] = ()) -> tuple[int, int]:
