@@ -251,6 +251,16 @@ def test_eval_and_submission_cli(stage1, tmp_path):
   subset = json.loads((tmp_path / "sub" / "recall_subset_submission_smoke.json").read_text())
   assert recall["version"] == subset["version"] == "rc2" and recall["metric"] == "recall"
   assert len(recall) == 4148 + 2 and len(subset) == 4148 + 2
+  # a converted BLIP dir (no cir.json): zero-shot, element-wise sum; here the stage-I model without its cir.json
+  import shutil  # pylint: disable=import-outside-toplevel
+  shutil.copytree(tmp / "s1" / "model", tmp_path / "blip")
+  (tmp_path / "blip" / "cir.json").unlink()
+  r = subprocess.run([sys.executable, "-m", "mmret_jax.eval.cir", "--model", str(tmp_path / "blip"), "--dataset", "cirr",
+                      "--max-queries", "32", "--output", str(tmp_path / "z.json"),
+                      *common[2:]], capture_output=True, text=True, env=env)
+  assert r.returncode == 0, r.stderr[-2000:]
+  zero_shot = json.loads((tmp_path / "z.json").read_text())
+  assert zero_shot["recall_at50"] == pytest.approx(metrics["recall_at50"], abs=1e-6)  # same model, same fusion
   r = subprocess.run([sys.executable, "-m", "mmret_jax.eval.cir", "--model", str(tmp_path / "nope"), "--dataset",
                       "cirr", "--synthetic-images"], capture_output=True, text=True, env=env)
   assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: model not found")

@@ -206,8 +206,11 @@ class CirTask(Task):
     if len(self.tokenizer) > self.blip_config.text.vocab_size:
       raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens, the text encoder "
                        f"{self.blip_config.text.vocab_size}")
-    self.text_tower = blip.BlipTextTower(self.blip_config, dtype=dtype, remat=bool(m.remat))
-    self.vision_model = blip.BlipRetrieval(self.blip_config, add_itm_head=self.itm_head, dtype=dtype)
+    # Frozen features are extracted in float32, as the seed does (outside its autocast): the image
+    # features always, the stage-II text features too; stage I trains the text tower in `model.dtype`.
+    self.text_tower = blip.BlipTextTower(self.blip_config, dtype=dtype if self.stage == 1 else jnp.float32,
+                                         remat=bool(m.remat))
+    self.vision_model = blip.BlipRetrieval(self.blip_config, add_itm_head=self.itm_head, dtype=jnp.float32)
     self.combiner = combiner_lib.Combiner(combiner_lib.CombinerConfig(
         feature_dim=self.blip_config.image_text_hidden_size, projection_dim=int(c.cir.projection_dim),
         hidden_dim=int(c.cir.hidden_dim), dropout=float(c.cir.combiner_dropout)), dtype=dtype)
@@ -243,7 +246,7 @@ class CirTask(Task):
     paths = [str(self._image_path(n)) for n in names]
     desc = {"weights": feature_cache.params_digest(self._vision_params()),
             "model": self.blip_config.vision.to_dict(), "image": dataclasses.asdict(self.image_config),
-            "dtype": str(self.config.model.dtype), "files": feature_cache.files_fingerprint(paths)}
+            "dtype": "float32", "files": feature_cache.files_fingerprint(paths)}
     root = self._cache_root()
     self.img_names = names
     self.img_index = {n: i for i, n in enumerate(names)}
@@ -296,7 +299,7 @@ class CirTask(Task):
     params = {"text_encoder": _drop_cross_attention(params["text_encoder"]), "text_proj": params["text_proj"]}
     desc = {"weights": feature_cache.params_digest(params), "tokenizer": _tokenizer_digest(self.tokenizer),
             "max_length": int(self.config.data.max_seq_length), "model": dataclasses.asdict(self.blip_config.text),
-            "dtype": str(self.config.model.dtype)}
+            "dtype": "float32"}
     root = self._cache_root()
     feats, _, _ = feature_cache.cached_features(
         root, f"{self.dataset}-text", desc, names,
