@@ -161,3 +161,66 @@ def cir_combiner_losses(combine, ref: jax.Array, tgt: jax.Array, txt_f: jax.Arra
                   jnp.broadcast_to(txt_b[:, None, :], (b, b, txt_b.shape[-1])))  # [a, b, D]
   logits_r = scale * jnp.einsum("abd,ad->ab", pairs, l2_normalize(ref))
   return loss_f, ce(logits_r)
+
+
+# ----------------------------------------------------------------------------- UniIR
+# shared/reference/uniir.md; seed `clip_sf.py::compute_inbatch_contrastive_loss` (CLIP variants) and
+# `blip_sf.py::compute_contrastive_loss`, `_dequeue_and_enqueue`, `_momentum_update` (BLIP variants).
+
+
+def uniir_inbatch_loss(query: jax.Array, cand: jax.Array, scale: jax.Array | float) -> jax.Array:
+  """CLIP-SF/FF: CE(scale * n(q) n(p)^T, diagonal), query -> candidate only. Under `jit` the
+  candidates are the global batch: the seed's all-gather of the positives (with gradient)."""
+  logits = scale * l2_normalize(query.astype(jnp.float32)) @ l2_normalize(cand.astype(jnp.float32)).T
+  return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.arange(query.shape[0])).mean()
+
+
+def uniir_queue_loss(query: jax.Array, cand: jax.Array, query_m: jax.Array, cand_m: jax.Array, cand_ids: jax.Array,
+                     query_queue: jax.Array, cand_queue: jax.Array, id_queue: jax.Array, temp: jax.Array | float,
+                     alpha: jax.Array | float) -> jax.Array:
+  """BLIP-SF/FF momentum + queue contrastive loss, both directions.
+
+  Args:
+    query, cand: [B, D] embeddings of the online encoder (normalised here).
+    query_m, cand_m: [B, D] momentum-encoder embeddings (normalised here; no gradient).
+    cand_ids: [B] int hashed id of each positive candidate; positives = equal ids, so duplicates in the
+      batch or the queue count (targets row-normalised).
+    query_queue, cand_queue: [D, Q] (the seed's layout); id_queue: [Q] (-100 = empty).
+    temp: the (already clamped) temperature; alpha: the soft-target weight.
+  Returns:
+    (CE(q -> [c_m; cand_queue]) + CE(c -> [q_m; query_queue])) / 2 with soft targets
+    alpha * softmax(momentum sims) + (1 - alpha) * hard targets.
+  """
+  q, c = l2_normalize(query.astype(jnp.float32)), l2_normalize(cand.astype(jnp.float32))
+  q_m = jax.lax.stop_gradient(l2_normalize(query_m.astype(jnp.float32)))
+  c_m = jax.lax.stop_gradient(l2_normalize(cand_m.astype(jnp.float32)))
+  ids_all = jnp.concatenate([cand_ids, id_queue])
+  pos = (cand_ids[:, None] == ids_all[None, :]).astype(jnp.float32)
+  hard = pos / pos.sum(1, keepdims=True)
+  q_all = jnp.concatenate([q_m, query_queue.T.astype(jnp.float32)], 0)   # [B + Q, D]
+  c_all = jnp.concatenate([c_m, cand_queue.T.astype(jnp.float32)], 0)
+  soft = lambda sims: jax.lax.stop_gradient(alpha * jax.nn.softmax(sims, axis=1) + (1.0 - alpha) * hard)
+  t_q2c, t_c2q = soft(q_m @ c_all.T / temp), soft(c_m @ q_all.T / temp)
+  ce = lambda sims, t: -jnp.sum(jax.nn.log_softmax(sims, axis=1) * t, axis=1).mean()
+  return (ce(q @ c_all.T / temp, t_q2c) + ce(c @ q_all.T / temp, t_c2q)) / 2
+
+
+def uniir_enqueue(query_queue: jax.Array, cand_queue: jax.Array, id_queue: jax.Array, ptr: jax.Array,
+                  query_m: jax.Array, cand_m: jax.Array, cand_ids: jax.Array):
+  """The seed's `_dequeue_and_enqueue` on the (global) batch: normalised momentum embeddings and ids
+  written at `ptr`, `ptr` advanced by B modulo Q (Q must be a multiple of B). Returns the new
+  (query_queue, cand_queue, id_queue, ptr)."""
+  b, size = query_m.shape[0], id_queue.shape[0]
+  if size % b:
+    raise ValueError(f"queue size {size} must be a multiple of the global batch {b}")
+  qm = l2_normalize(query_m.astype(jnp.float32)).T.astype(query_queue.dtype)
+  cm = l2_normalize(cand_m.astype(jnp.float32)).T.astype(cand_queue.dtype)
+  query_queue = jax.lax.dynamic_update_slice(query_queue, qm, (0, ptr))
+  cand_queue = jax.lax.dynamic_update_slice(cand_queue, cm, (0, ptr))
+  id_queue = jax.lax.dynamic_update_slice(id_queue, cand_ids.astype(id_queue.dtype), (ptr,))
+  return query_queue, cand_queue, id_queue, (ptr + b) % size
+
+
+def momentum_update(params_m, params, momentum: float):
+  """EMA of the online weights: p_m <- p_m * m + p * (1 - m) (the seed's `_momentum_update`)."""
+  return jax.tree.map(lambda a, b: a * momentum + b.astype(a.dtype) * (1.0 - momentum), params_m, params)

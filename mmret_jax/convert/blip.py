@@ -145,6 +145,23 @@ _PTH_VISION = ((r"^visual_encoder\.cls_token$", "vision_model.embeddings.class_e
                (r"^visual_encoder\.blocks\.(\d+)\.mlp\.", r"vision_model.encoder.layers.\1.mlp."))
 
 
+def rename_original(sd: dict[str, np.ndarray], keep: tuple[str, ...]) -> tuple[dict[str, np.ndarray], list[str]]:
+  """Original BLIP ViT keys (`visual_encoder.*`) -> HF names; keys starting with `keep` pass as they
+  are. Returns (renamed dict, keys that matched neither)."""
+  out, unknown = {}, []
+  for k, x in sd.items():
+    if k.startswith(keep):
+      out[k] = x
+      continue
+    for pat, rep in _PTH_VISION:
+      if re.match(pat, k):
+        out[re.sub(pat, rep, k)] = x
+        break
+    else:
+      unknown.append(k)
+  return out, unknown
+
+
 def is_original(sd: dict[str, np.ndarray]) -> bool:
   """Whether a state dict has the original BLIP layout (`visual_encoder.*`), not HF's."""
   return "visual_encoder.patch_embed.proj.weight" in sd
@@ -164,19 +181,8 @@ def original_to_hf(sd: dict[str, np.ndarray], image_size: int | None = None,
     sample = ", ".join(sorted(sd)[:5])
     raise ConversionError(f"Not an original BLIP state dict (no visual_encoder.patch_embed.proj.weight); "
                           f"keys start: {sample}")
-  out, unknown = {}, []
-  for k, x in sd.items():
-    if any(fnmatch.fnmatch(k, p) for p in PTH_IGNORED):
-      continue
-    if k.startswith(("text_encoder.", "vision_proj.", "text_proj.", "itm_head.")):
-      out[k] = x
-      continue
-    for pat, rep in _PTH_VISION:
-      if re.match(pat, k):
-        out[re.sub(pat, rep, k)] = x
-        break
-    else:
-      unknown.append(k)
+  sd = {k: x for k, x in sd.items() if not any(fnmatch.fnmatch(k, p) for p in PTH_IGNORED)}
+  out, unknown = rename_original(sd, keep=("text_encoder.", "vision_proj.", "text_proj.", "itm_head."))
   if unknown:
     raise ConversionError(f"unexpected keys in the BLIP checkpoint: {', '.join(sorted(unknown)[:12])}")
   patch = np.asarray(out["vision_model.embeddings.patch_embedding.weight"])
