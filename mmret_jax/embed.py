@@ -153,6 +153,9 @@ class Encoder:
             f"`python -m mmret_jax.convert to-jax {path} DST`)", file=sys.stderr)
     if dtype not in ("float32", "bfloat16"):
       raise EmbedError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    if meta.get("family") not in ("bert", "clip", "blip"):
+      raise EmbedError(f"{path} is a {meta.get('family')} model; embed it with its own pipeline"
+                       + (" (python -m mmret_jax.eval.mbeir)" if meta.get("family") == "uniir" else ""))
     settings = st_config.read_settings(path)
     if settings is not None and meta.get("family") != "bert":
       raise EmbedError(f"{path}: sentence-transformers settings are supported for BERT-family models only")

@@ -83,6 +83,40 @@ def test_clip_sf_matches_the_seed_formula(tmp_path, source):
   np.testing.assert_array_equal(got[1], _embed(model, params, ids, mask, px)[1])
 
 
+# ----------------------------------------------------------------------------- CLIP-FF
+def test_clip_ff_matches_the_seed_formula():
+  """Text tokens after ln_final (causal, no padding mask) ; every image token through ln_post and proj ;
+  a 2-layer T5Stack (no mask) ; mean over all positions. The checkpoint in the seed's layout:
+  `clip_model.` + OpenAI keys without text_projection, `t5_layers.` + T5Stack keys."""
+  import transformers as tf  # pylint: disable=import-outside-toplevel
+  text = dict(hidden_size=64, num_attention_heads=1, num_hidden_layers=2, intermediate_size=96,
+              max_position_embeddings=16)
+  vision = dict(hidden_size=128, num_attention_heads=2, num_hidden_layers=1, intermediate_size=150, image_size=32,
+                patch_size=8)
+  tmodel = make_clip(None, text, vision, projection_dim=64)
+  t5_cfg = tf.T5Config(num_layers=2, num_decoder_layers=2, num_heads=4, d_model=64, d_kv=16, d_ff=96)
+  stack = fixtures.randomize_(tf.models.t5.modeling_t5.T5Stack(t5_cfg), seed=5)
+  with torch.no_grad():
+    for name, p in stack.named_parameters():
+      if "relative_attention_bias" in name or "layer_norm" in name:
+        p.copy_((1.0 if "layer_norm" in name else 0.0) + 0.3 * torch.randn_like(p))
+  sd = {f"clip_model.{k}": v.numpy() for k, v in hf_to_openai(tmodel.state_dict()).items() if k != "text_projection"}
+  sd.update({f"t5_layers.{k}": v.numpy() for k, v in stack.state_dict().items()})
+  model, params, cfg = _ours(sd)
+  assert (cfg["backbone"], cfg["fusion"]) == ("clip", "ff") and "text_projection" not in params["clip"]
+  ids, _, px = _inputs(tmodel.config.text_config.vocab_size, 32, 16, seed=2)
+  mask = np.ones_like(ids)
+  with torch.no_grad():
+    t = tmodel.text_model(input_ids=torch.tensor(ids)).last_hidden_state
+    v = tmodel.vision_model(pixel_values=torch.tensor(px).permute(0, 3, 1, 2)).last_hidden_state
+    v = tmodel.vision_model.post_layernorm(v) @ tmodel.visual_projection.weight.T
+    want = stack(inputs_embeds=torch.cat([t, v], dim=1), attention_mask=None,
+                 use_cache=False).last_hidden_state.mean(1).numpy()
+  got = _embed(model, params, ids, mask, px)
+  assert got.shape == (len(FLAGS), 64)
+  assert _maxdiff(got, want) <= ATOL and float(np.abs(want).max()) > 0.1
+
+
 # ----------------------------------------------------------------------------- BLIP-SF / FF
 # Seed checkpoints carry no config: heads are read off as width / 64 (BLIP's ViT-L and BERT-base)
 TEXT = dict(hidden_size=128, num_attention_heads=2, num_hidden_layers=2, intermediate_size=37,
@@ -133,6 +167,22 @@ def test_blip_fusion_matches_the_seed_formula(fusion):
       want = out.pooler_output.numpy()
   got = _embed(model, params, ids, mask, px)
   assert _maxdiff(got, want) <= ATOL and float(np.abs(want).max()) > 0.1
+
+
+def test_convert_cli_detects_the_variant(tmp_path):
+  from mmret_jax.convert.__main__ import main as convert_main  # pylint: disable=import-outside-toplevel
+  import json  # pylint: disable=import-outside-toplevel
+  _, _, _, sd = make_blip_uniir("ff")
+  torch.save({"model": {k: torch.tensor(v) for k, v in sd.items()}, "epoch": 3}, tmp_path / "blip_ff_large.pth")
+  assert convert_main(["to-jax", str(tmp_path / "blip_ff_large.pth"), str(tmp_path / "out"), "--family", "uniir"]) == 0
+  meta, hf_config, params, _ = convert.load_any(tmp_path / "out")
+  assert meta == {**meta, "family": "uniir", "variant": "blip_ff"} and hf_config["fusion"] == "ff"
+  want = uniir_family.to_params(*uniir_family.original_to_ours(sd))[0]
+  fixtures.assert_params_equal(params, want)
+  import mmret_jax  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match="uniir model; embed it with its own pipeline"):
+    mmret_jax.load(tmp_path / "out")
+  assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "uniir"
 
 
 def test_blip_checkpoint_keys_are_strict():

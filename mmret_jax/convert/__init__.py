@@ -13,17 +13,24 @@ from mmret_jax import st_config, storage
 from mmret_jax.convert import bert as bert_family
 from mmret_jax.convert import blip as blip_family
 from mmret_jax.convert import clip as clip_family
+from mmret_jax.convert import t5 as t5_family
+from mmret_jax.convert import uniir as uniir_family
 from mmret_jax.convert.core import (ConversionError, META_FILE, copy_tokenizer_files, is_converted_dir,
                                     read_converted, read_state_dict, write_converted)
 
 # family name -> key-map module; HF model_type -> family name.
-FAMILIES: dict[str, types.ModuleType] = {"bert": bert_family, "clip": clip_family, "blip": blip_family}
+FAMILIES: dict[str, types.ModuleType] = {"bert": bert_family, "clip": clip_family, "blip": blip_family,
+                                         "t5": t5_family, "uniir": uniir_family}
 MODEL_TYPE_TO_FAMILY = {**{mt: "bert" for mt in bert_family.MODEL_TYPES},
                         **{mt: "clip" for mt in clip_family.MODEL_TYPES},
-                        **{mt: "blip" for mt in blip_family.MODEL_TYPES}}
+                        **{mt: "blip" for mt in blip_family.MODEL_TYPES},
+                        **{mt: "t5" for mt in t5_family.MODEL_TYPES},
+                        **{mt: "uniir" for mt in uniir_family.MODEL_TYPES}}
 # Source formats that are not HF layouts: translated to HF keys + config first. `blip` = the original
-# salesforce/BLIP .pth (an HF BLIP dir given with --family blip takes the HF path).
-SOURCE_FORMATS = {"openai-clip": clip_family.openai_to_hf, "blip": blip_family.original_to_hf}
+# salesforce/BLIP .pth (an HF BLIP dir given with --family blip takes the HF path); `uniir` = a UniIR
+# checkpoint (clip_sf / clip_ff / blip_sf / blip_ff, detected), or any CLIP for a zero-shot CLIP-SF.
+SOURCE_FORMATS = {"openai-clip": clip_family.openai_to_hf, "blip": blip_family.original_to_hf,
+                  "uniir": uniir_family.original_to_ours}
 
 __all__ = ["ConversionError", "to_jax", "to_hf", "convert_in_memory", "load_any", "is_converted_dir"]
 
@@ -73,6 +80,8 @@ def convert_in_memory(src: str | os.PathLike, *, config: str | os.PathLike | Non
     opts = {}
     if family == "blip":  # an original BLIP .pth: --config (an HF BlipConfig) may fix the dims
       opts = {"image_size": image_size, "hf_config": _read_hf_config(src, config) if config else None}
+    elif family == "uniir" and (config or (src.is_dir() and (src / "config.json").exists())):
+      opts = {"hf_config": _read_hf_config(src, config)}  # an HF CLIPModel (zero-shot CLIP-SF)
     sd, hf_config = SOURCE_FORMATS[family](sd, **opts)
     name, fam = _family_for(hf_config, None)
   else:

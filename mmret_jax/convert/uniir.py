@@ -137,7 +137,7 @@ def rules(config: uniir.UniIRConfig) -> list[Rule]:
          if not (config.fusion == "ff" and x.key.startswith("text_projection"))]
     if config.fusion == "ff":
       from mmret_jax.convert import t5 as t5_family  # pylint: disable=import-outside-toplevel
-      r += [Rule(("t5_layers",) + x.path, x.key, x.kind) for x in t5_family.stack_rules(config.t5, "t5_layers.")]
+      r += t5_family.stack_rules(config.t5, "t5_layers.", ("t5_layers",))
     return r
   c = config.blip
   r = blip_family._vision_rules(c.vision)  # pylint: disable=protected-access
@@ -155,7 +155,11 @@ def to_params(sd: dict[str, np.ndarray], hf_config: dict) -> tuple[dict, dict]:
   sd = blip_family.split_qkv(sd) if model.config.backbone == "blip" else sd
   if model.config.backbone == "clip" and "clip.logit_scale" not in sd:
     raise ConversionError("missing keys: clip.logit_scale")
-  params = state_dict_to_params(rules(model.config), sd, expected=expected, ignore=IGNORED)
+  ignore = IGNORED
+  if model.config.fusion == "ff" and model.config.backbone == "clip":
+    from mmret_jax.convert import t5 as t5_family  # pylint: disable=import-outside-toplevel
+    ignore += t5_family.stack_ignored("t5_layers.")  # the unused token table transformers 5 creates
+  params = state_dict_to_params(rules(model.config), sd, expected=expected, ignore=ignore)
   return params, {"variant": model.config.name}
 
 

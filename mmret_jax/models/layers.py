@@ -206,6 +206,23 @@ def _layer_norm_bwd(epsilon, dtype, res, g):
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
+class RMSNorm(nn.Module):
+  """RMSNorm (Zhang & Sennrich 2019; HF `T5LayerNorm`): x * rsqrt(mean(x^2) + eps) * scale, no mean
+  subtraction, no bias; float32 inside, output in `dtype`. The param is `scale` (HF `weight`), as
+  LayerNorm's, so converters map `.weight` <-> `scale` for both."""
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+                       (x.shape[-1],), self.param_dtype)
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + self.epsilon)
+    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
 class Embed(nn.Module):
   """Lookup table `[num, D]` (param `embedding`); `attend` gives logits against it."""
   num_embeddings: int
@@ -349,12 +366,17 @@ def attention_bias_from_mask(mask: Array | None, causal_length: int | None = Non
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, *,
                           dropout_rate: float = 0.0, dropout_rng: Array | None = None,
-                          implementation: str = "xla") -> Array:
+                          implementation: str = "xla", bias: Array | None = None,
+                          scale: float | None = None) -> Array:
   """Scaled dot-product attention; softmax in float32.
 
   Args:
     q: [B, L, N, H]; k, v: [B, S, N, H].
     mask: boolean, broadcastable to [B, N, L, S]; True = attend.
+    bias: additive logit bias, broadcastable to [B, N, L, S] (T5's relative position bias), added
+      in float32 after the scaling and before the mask; the fused kernels take none, so a bias
+      always runs the XLA path.
+    scale: the logit scale; None = H^-0.5 (T5 passes 1.0: it folds the scaling into the q init).
     dropout_rate, dropout_rng: dropout on the probabilities (rate 0 or rng None = none).
     implementation: "xla"; "fused" = the Pallas kernel of `fused_attention` when it takes the
       shapes (a key-padding mask, lengths 16-256), else "xla"; "auto" = "fused" on GPU for 16-bit
@@ -372,7 +394,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, *,
     raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}, got {implementation!r}")
   rate = float(dropout_rate) if dropout_rng is not None else 0.0
   implementation = implementation.replace("fused_qkv", "fused")
-  if implementation != "xla" and is_key_padding(mask):
+  if implementation != "xla" and bias is None and is_key_padding(mask):
     from mmret_jax.models import fused_attention  # pylint: disable=import-outside-toplevel
     interpret = implementation == "fused_interpret"
     if interpret or (fused_attention.supported(q, k)
@@ -380,9 +402,11 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, *,
       return fused_attention.fused_attention(
           q, k, v, None if mask is None else mask[:, 0, 0, :], dropout_rate=rate,
           dropout_seed=_kernel_seed(dropout_rng, rate), interpret=interpret)
-  scale = q.shape[-1] ** -0.5
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
   q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, N, L|S, H]
   logits = jnp.einsum("bnlh,bnsh->bnls", q, k).astype(jnp.float32) * scale
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)
@@ -428,6 +452,9 @@ class Attention(nn.Module):
   `names` are the q, k, v projection names (`query/key/value` for BERT,
   `q_proj/k_proj/v_proj` for CLIP); `out_name` adds an output projection
   (CLIP's `out_proj`); BERT keeps it in a sibling `output` module instead.
+  `hidden_size` is the width of q, k, v (N * H; T5's `inner_dim` may differ from D); the output
+  projection maps back to x's width. `scale`: see `dot_product_attention`. `init_stds`: per-projection
+  init stds (q, k, v, out), e.g. T5's; None = `init_std` for each.
   """
   num_heads: int
   hidden_size: int
@@ -439,17 +466,21 @@ class Attention(nn.Module):
   param_dtype: Dtype = jnp.float32
   init_std: float = DEFAULT_INIT_STD
   implementation: str = "xla"  # see dot_product_attention
+  scale: float | None = None
+  init_stds: tuple[float, float, float, float] | None = None
 
   @nn.compact
   def __call__(self, x: Array, kv: Array | None = None, mask: Array | None = None,
-               deterministic: bool = True) -> Array:
-    """x: [B, L, D]; kv: [B, S, Dkv] (defaults to x); mask: bool [B|1, 1, L|1, S] -> [B, L, D]."""
+               deterministic: bool = True, *, bias: Array | None = None) -> Array:
+    """x: [B, L, D]; kv: [B, S, Dkv] (defaults to x); mask: bool [B|1, 1, L|1, S]; bias: float
+    [B|1, N, L, S] added to the logits -> [B, L, D]."""
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
     dense = lambda name: Dense(self.hidden_size, ("embed", "heads"), use_bias=self.use_bias, dtype=self.dtype,
-                               param_dtype=self.param_dtype, init_std=self.init_std, name=name)
+                               param_dtype=self.param_dtype, init_std=self._std(self.names.index(name)),
+                               name=name)
     rng = self.make_rng("dropout") if self.dropout_rate > 0 and not deterministic else None
-    if kv is None and self._packed_kernel_takes(x, mask):
+    if kv is None and bias is None and self._packed_kernel_takes(x, mask):
       return self._output(self._packed_self_attention([dense(n) for n in self.names], x, mask, rng), x)
     if kv is None:  # self-attention: q, k, v in one matmul
       q, k, v = fused_projections([dense(n) for n in self.names], x)
@@ -458,8 +489,12 @@ class Attention(nn.Module):
       k, v = fused_projections([dense(n) for n in self.names[1:]], kv)
     q, k, v = (split_heads(t, self.num_heads) for t in (q, k, v))
     out = dot_product_attention(q, k, v, mask, dropout_rate=self.dropout_rate, dropout_rng=rng,
-                                implementation=self.implementation)
+                                implementation=self.implementation, bias=bias, scale=self.scale)
     return self._output(out, x)
+
+  def _std(self, i: int) -> float:
+    """Init std of projection i (q, k, v, out)."""
+    return self.init_std if self.init_stds is None else self.init_stds[i]
 
   def _packed_kernel_takes(self, x: Array, mask: Array | None) -> bool:
     """Whether self-attention runs `fused_attention_qkv` (implementation "fused_qkv[_interpret]")."""
@@ -487,7 +522,7 @@ class Attention(nn.Module):
     out = merge_heads(out)
     if self.out_name is not None:
       out = Dense(x.shape[-1], ("heads", "embed"), use_bias=self.use_bias, dtype=self.dtype,
-                  param_dtype=self.param_dtype, init_std=self.init_std, name=self.out_name)(out)
+                  param_dtype=self.param_dtype, init_std=self._std(3), name=self.out_name)(out)
     return out
 
 
@@ -549,19 +584,42 @@ class DenseAct(nn.Module):
 
 
 class Mlp(nn.Module):
-  """fc1 -> activation -> fc2 (CLIP / ViT MLP block)."""
+  """fc1 -> activation -> fc2 (CLIP / ViT MLP block; HF T5DenseActDense: `wi`, `wo`, no biases).
+
+  `gated`: activation(gate(x)) * linear(x) -> out (HF T5DenseGatedActDense: `names` = (`wi_0`,
+  `wi_1`, `wo`); gate and linear run as one matmul). `dropout_rate`: dropout on the hidden
+  activations before the output projection (T5). `out_dtype`: the output projection's compute dtype
+  (None = `dtype`; T5 keeps `wo` in float32 as HF `_keep_in_fp32_modules`). `init_stds`: (input
+  projections, output projection) init stds; None = `init_std` for both."""
   intermediate_size: int
   activation: str = "quick_gelu"
-  names: tuple[str, str] = ("fc1", "fc2")
+  names: tuple[str, ...] = ("fc1", "fc2")
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   init_std: float = DEFAULT_INIT_STD
+  use_bias: bool = True
+  gated: bool = False
+  dropout_rate: float = 0.0
+  out_dtype: Dtype | None = None
+  init_stds: tuple[float, float] | None = None
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, init_std=self.init_std)
-    h = dense_act(Dense(self.intermediate_size, ("embed", "mlp"), name=self.names[0], **kw), x, self.activation)
-    return Dense(x.shape[-1], ("mlp", "embed"), name=self.names[1], **kw)(h)
+  def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    """[..., D] -> [..., D] (in `out_dtype` or `dtype`)."""
+    if len(self.names) != 2 + self.gated:
+      raise ValueError(f"Mlp(gated={self.gated}) needs {2 + self.gated} names, got {self.names}")
+    std_in, std_out = self.init_stds or (self.init_std, self.init_std)
+    kw = dict(use_bias=self.use_bias, param_dtype=self.param_dtype)
+    wi = [Dense(self.intermediate_size, ("embed", "mlp"), dtype=self.dtype, init_std=std_in, name=n, **kw)
+          for n in self.names[:-1]]
+    if self.gated:
+      gate, linear = fused_projections(wi, x)
+      h = get_activation(self.activation)(gate) * linear
+    else:
+      h = dense_act(wi[0], x, self.activation)
+    h = Dropout(self.dropout_rate, name="dropout")(h, deterministic)
+    return Dense(x.shape[-1], ("mlp", "embed"), dtype=self.out_dtype or self.dtype, init_std=std_out,
+                 name=self.names[-1], **kw)(h)
 
 
 def constrain(x: Array, axes: Sequence[str | None]) -> Array:
