@@ -21,7 +21,9 @@ def main(argv=None) -> int:
   a.add_argument("--config", help="HF config.json (or a dir holding one) for a bare state dict")
   a.add_argument("--family", help="force the key map (default: from config model_type); "
                                   "`openai-clip` reads an OpenAI CLIP state dict, `blip` an original "
-                                  "salesforce/BLIP .pth (model_base.pth, ...); neither needs --config")
+                                  "salesforce/BLIP .pth (model_base.pth, ...); neither needs --config; "
+                                  "`uniir` a UniIR checkpoint (clip_sf_large.pth, ..., variant detected) "
+                                  "or, from a CLIP dir / state dict, a zero-shot CLIP-SF")
   a.add_argument("--image-size", type=int, default=None,
                  help="original BLIP .pth only: input size the position table is resized to (default 384)")
   a.add_argument("--tokenizer", help="dir with tokenizer files (default: SRC, or --config's dir)")

@@ -29,7 +29,7 @@ import logging
 import math
 import os
 import pathlib
-from typing import Any, Iterator, Literal, NamedTuple, Sequence, Union
+from typing import Any, Callable, Iterator, Literal, NamedTuple, Sequence, Union
 
 import grain
 import numpy as np
@@ -429,7 +429,8 @@ def targetpad(img: ImageInput, target_ratio: float = 1.25, size: int = 384) -> n
 # Batches
 # ---------------------------------------------------------------------------
 def preprocess_batch(items: Sequence[ImageInput], cfg: ImageConfig, *,
-                     on_error: Literal["raise", "skip"] = "raise", num_threads: int = 0
+                     on_error: Literal["raise", "skip"] = "raise", num_threads: int = 0,
+                     augment: Callable[[int, PIL.Image.Image], PIL.Image.Image] | None = None
                      ) -> tuple[np.ndarray, np.ndarray, list[ImageError]]:
   """Preprocesses `items` into one preallocated float32 [N, H, W, 3] batch.
 
@@ -439,6 +440,8 @@ def preprocess_batch(items: Sequence[ImageInput], cfg: ImageConfig, *,
     on_error: "raise" re-raises the first `FileNotFoundError` / `BadImageError`; "skip" leaves
       the item out and records it.
     num_threads: > 1 decodes in a thread pool (PIL releases the GIL while decoding / resizing).
+    augment: `augment(i, image)` -> image, applied to item i after decoding, before `cfg`'s resize /
+      crop / normalisation (e.g. `augment.keyed(augment.blip_train, keys, size=...)`).
 
   Returns:
     (batch [N_kept, H, W, 3], kept_indices int64 [N_kept] into `items`, errors as
@@ -453,8 +456,8 @@ def preprocess_batch(items: Sequence[ImageInput], cfg: ImageConfig, *,
 
   def work(i: int) -> ImageError | None:
     try:
-      _fill(_resized(load_image(items[i], convert_rgb=cfg.do_convert_rgb, alpha=cfg.alpha), cfg),
-            cfg, out[i])
+      img = load_image(items[i], convert_rgb=cfg.do_convert_rgb, alpha=cfg.alpha)
+      _fill(_resized(augment(i, img) if augment is not None else img, cfg), cfg, out[i])
     except (FileNotFoundError, BadImageError) as e:
       if on_error == "raise":
         raise

@@ -3,6 +3,9 @@
 `CountedFilter` drops rows like `IterDataset.filter` but keeps the number it dropped in the
 iterator's state, so the count is saved in the checkpoint with the data position (one state per
 process, as grain saves it) and a resumed run reports the same total as an uninterrupted one.
+
+`epoch_batches` is the seed trainers' DataLoader (shuffle, drop_last) as a checkpointable grain
+iterator: batch i of the endless stream is cut from the permutation of its epoch.
 """
 
 from __future__ import annotations
@@ -53,3 +56,35 @@ class CountedFilter(grain.IterDataset):
 
   def __iter__(self) -> _CountedFilterIterator:
     return _CountedFilterIterator(self._parent.__iter__(), self._keep, self.counter)
+
+
+class EpochBatches(grain.transforms.Map):
+  """Global batch number -> this process's part of it, built by `make_batch(rows, epoch)`.
+
+  Batch i belongs to epoch e = i // (num_rows // global_batch); each epoch is the permutation
+  `numpy.random.default_rng([seed, e])` of the rows, cut into global batches, the last partial one
+  dropped (a PyTorch DataLoader with shuffle and drop_last). Per-row randomness should be drawn
+  from (seed, epoch, row) by `make_batch`, so a resumed run replays the same batches.
+  """
+
+  def __init__(self, num_rows: int, seed: int, global_batch: int, process_batch: int,
+               make_batch: Callable[[Any, int], Any]):
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    if num_rows < global_batch:
+      raise ValueError(f"batch_size {global_batch} exceeds the {num_rows} training rows")
+    self._np, self.num_rows, self.seed = np, num_rows, seed
+    self.global_batch, self.process_batch, self.make_batch = global_batch, process_batch, make_batch
+
+  def map(self, i):
+    import jax  # pylint: disable=import-outside-toplevel
+    epoch, b = divmod(int(i), self.num_rows // self.global_batch)
+    perm = self._np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+    start = b * self.global_batch + jax.process_index() * self.process_batch
+    return self.make_batch(perm[start:start + self.process_batch], epoch)
+
+
+def epoch_batches(num_rows: int, seed: int, global_batch: int, process_batch: int, make_batch,
+                  num_threads: int = 1, prefetch: int = 2):
+  """A checkpointable iterator over `EpochBatches` (grain: its state is the batch number)."""
+  ds = grain.MapDataset.range(1 << 40).map(EpochBatches(num_rows, seed, global_batch, process_batch, make_batch))
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)))

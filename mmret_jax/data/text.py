@@ -64,3 +64,30 @@ def build_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int = 1000, mode
                            cls_token="[CLS]", mask_token="[MASK]", model_max_length=model_max_length)
   fast.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
   return fast
+
+
+def build_clip_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1000, model_max_length: int = 77):
+  """A byte-level BPE with CLIP's special tokens (`<|startoftext|>` = 0, `<|endoftext|>` = 1, also the
+  pad token) trained on `texts`: the tokenizer of a from-scratch CLIP (`:smoke` runs)."""
+  import tokenizers  # pylint: disable=import-outside-toplevel
+  from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+  from transformers import PreTrainedTokenizerFast
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.normalizer = normalizers.Lowercase()
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(texts, trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=["<|startoftext|>", "<|endoftext|>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+  tok.post_processor = processors.TemplateProcessing(
+      single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)])
+  return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                                 pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+                                 model_max_length=model_max_length)
+
+
+def load_tokenizer(path):
+  """A saved tokenizer dir, offline. The dir's `config.json` (one of our converted models, whose
+  `model_type` transformers does not know) is not consulted: the tokenizer files say what they are."""
+  from transformers import AutoTokenizer, PretrainedConfig  # pylint: disable=import-outside-toplevel
+  return AutoTokenizer.from_pretrained(str(path), local_files_only=True, config=PretrainedConfig())

@@ -63,6 +63,12 @@ class CLIPConfig:
                projection_dim=int(d.get("projection_dim", 512)),
                logit_scale_init_value=float(d.get("logit_scale_init_value", 2.6592)))
 
+  def to_dict(self) -> dict[str, Any]:
+    """An HF `CLIPConfig` dict (`CLIPModel.from_pretrained` reads it)."""
+    return {"model_type": "clip", "architectures": ["CLIPModel"], "projection_dim": self.projection_dim,
+            "logit_scale_init_value": self.logit_scale_init_value,
+            "text_config": dataclasses.asdict(self.text), "vision_config": self.vision.to_dict()}
+
 
 def eos_positions(input_ids: Array, eos_token_id: int) -> Array:
   """[B, L] -> [B] index of the pooled token, as HF CLIPTextTransformer: argmax of the ids for the

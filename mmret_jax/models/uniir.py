@@ -60,6 +60,17 @@ class UniIRConfig:
   def name(self) -> str:
     return f"{self.backbone}_{self.fusion}"
 
+  def to_dict(self) -> dict[str, Any]:
+    """Our config.json (the inverse of `from_dict`)."""
+    d = {"model_type": "uniir", "backbone": self.backbone, "fusion": self.fusion, "embed_dim": self.embed_dim}
+    if self.clip is not None:
+      d["clip_config"] = self.clip.to_dict()
+    if self.blip is not None:
+      d["blip_config"] = self.blip.to_dict()
+    if self.t5 is not None:
+      d["t5_config"] = self.t5.to_dict()
+    return d
+
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "UniIRConfig":
     """From our config.json (`{"model_type": "uniir", "backbone", "fusion", "embed_dim", "clip_config" |

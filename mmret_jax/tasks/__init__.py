@@ -8,6 +8,7 @@ TASKS = {
     "blair": "mmret_jax.tasks.blair:BlairTask",
     "blair_clip": "mmret_jax.tasks.blair_clip:BlairClipTask",
     "cir": "mmret_jax.tasks.cir:CirTask",
+    "uniir": "mmret_jax.tasks.uniir:UniIRTask",
 }
 
 

@@ -40,12 +40,24 @@ class Task:
     """Param-path regexes the task freezes on top of `config.optim.freeze` (default none)."""
     return ()
 
+  def init_task_state(self, params: Any) -> Any:
+    """Task-owned state the optimizer does not train (momentum encoders, queues): a pytree built from
+    the params (boxed when they are), kept in the train state, saved and resumed with it, and replaced
+    each step by the `task_state` entry of `loss_fn`'s aux output. None (default) = no such state."""
+    return None
+
+  def post_update(self, params: Any) -> Any:
+    """Params after each optimizer update -> params (e.g. a clamped temperature). Default: as they are."""
+    return params
+
   def load_init(self, params: Any) -> Any:
     """Host params -> host params with `config.init_from` weights put in (default: unchanged)."""
     return params
 
   def loss_fn(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array,
               train: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(loss, aux scalars). A task with a task state takes `task_state=` too and returns the new one
+    as `aux["task_state"]`."""
     raise NotImplementedError
 
   def train_iterator(self, per_process_batch: int) -> Iterator[dict[str, np.ndarray]]:
@@ -54,6 +66,9 @@ class Task:
 
   def evaluate(self, params: Any) -> dict[str, float]:
     return {}
+
+  # How to use the exported model; `{workdir}` is filled in (printed at the end of training).
+  usage = "python -m mmret_jax.embed --model {workdir} ..."
 
   def export(self, params: Any, dst: pathlib.Path) -> None:
     """Writes an inference model at the end of training into the local dir `dst` (the loop uploads

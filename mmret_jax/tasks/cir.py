@@ -29,16 +29,15 @@ import dataclasses
 import json
 import pathlib
 import sys
-from typing import Any
 
 import flax.linen as nn
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mmret_jax import convert, losses, storage
 from mmret_jax.data import feature_cache, image as image_lib
+from mmret_jax.data.pipeline import epoch_batches
 from mmret_jax.data.sources import cir as cir_data
 from mmret_jax.models import bert, blip, combiner as combiner_lib, vit
 from mmret_jax.tasks.base import Task
@@ -91,29 +90,6 @@ def blip_tokenizer(source):
 
 
 # ----------------------------------------------------------------------------- data
-@dataclasses.dataclass(frozen=True)
-class _EpochBatches(grain.transforms.Map):
-  """Global batch number -> this process's part of it (a dict of numpy arrays).
-
-  Batch i belongs to epoch e = i // batches_per_epoch; each epoch is the permutation
-  `default_rng([seed, e])` of the training triplets, cut into global batches (the last partial one
-  dropped, as the seed's `drop_last=True`). Per-triplet randomness (FashionIQ caption draws) comes from
-  `default_rng([seed, 1, e, triplet])`, so resuming mid-epoch replays the same texts."""
-  task: Any
-  global_batch: int
-  process_batch: int
-
-  def map(self, i):
-    t = self.task
-    i = int(i)
-    per_epoch = len(t.rows) // self.global_batch
-    epoch, b = divmod(i, per_epoch)
-    perm = np.random.default_rng([int(t.config.seed), epoch]).permutation(len(t.rows))
-    start = b * self.global_batch + jax.process_index() * self.process_batch
-    sel = perm[start:start + self.process_batch]
-    return t.make_batch(sel, epoch)
-
-
 class CirTask(Task):
   """`config.task = "cir"` (both stages; `config.cir.stage`)."""
 
@@ -341,11 +317,10 @@ class CirTask(Task):
     return jax.tree_util.tree_map_with_path(take, params)
 
   def train_iterator(self, per_process_batch: int):
-    gb = per_process_batch * jax.process_count()
-    ds = grain.MapDataset.range(1 << 40).map(_EpochBatches(self, gb, per_process_batch))
     d = self.config.data
-    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=int(d.num_threads),
-                                                     prefetch_buffer_size=int(d.prefetch))))
+    return epoch_batches(len(self.rows), int(self.config.seed), per_process_batch * jax.process_count(),
+                         per_process_batch, lambda sel, epoch: self.make_batch(sel, epoch),
+                         int(d.num_threads), int(d.prefetch))
 
   def make_batch(self, sel: np.ndarray, epoch: int) -> dict[str, np.ndarray]:
     rows = self.rows[sel]
@@ -417,6 +392,8 @@ class CirTask(Task):
                         lambda names: self.img_feats[[self.img_index[n] for n in names]])
 
   # --------------------------------------------------------------------------- export
+  usage = "python -m mmret_jax.eval.cir --model {workdir} ..."
+
   def export(self, params, dst) -> None:
     """A converted BLIP dir (+ `cir.json`, + `combiner/` in stage II) that `eval.cir` and `load` read."""
     from mmret_jax.convert.core import save_params, write_converted  # pylint: disable=import-outside-toplevel

@@ -74,6 +74,20 @@ class TrainState:
   rng: jax.Array  # uint32[2] raw key; the step's key is fold_in(rng, step)
 
 
+@flax.struct.dataclass
+class TaskTrainState(TrainState):
+  """A train state with the task's own state (`Task.init_task_state`: momentum encoders, queues)."""
+  task_state: Any = None
+
+
+def make_state(task, tx, params, rng, task_state_from=None):
+  """TrainState at step 0 for `params` (TaskTrainState when the task keeps a task state, built from
+  `task_state_from`, default `params`)."""
+  ts = task.init_task_state(params if task_state_from is None else task_state_from)
+  common = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
+  return TrainState(**common) if ts is None else TaskTrainState(**common, task_state=ts)
+
+
 def _mean_tree(trees):
   return jax.tree.map(lambda *x: sum(x) / len(x), *trees)
 
@@ -87,13 +101,19 @@ def _strip_boxes(tree):
 def make_train_step(task, tx, accum_steps: int, on_nonfinite: str):
   """The pure step: (state, batch) -> (state, metrics). Microbatches when accum_steps > 1."""
 
-  def grads_of(params, batch, rng):
-    return jax.value_and_grad(task.loss_fn, has_aux=True)(params, batch, rng)
+  post_update = getattr(task, "post_update", lambda p: p)  # benchmark tasks may define loss_fn only
+
+  def grads_of(params, batch, rng, task_state=None):
+    kw = {} if task_state is None else {"task_state": task_state}
+    return jax.value_and_grad(task.loss_fn, has_aux=True)(params, batch, rng, **kw)
 
   def step(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
+    task_state = getattr(state, "task_state", None)
+    if task_state is not None and accum_steps != 1:
+      raise ValueError("grad_accum_steps > 1 is not supported for tasks with a task state (queues, momentum)")
     if accum_steps == 1:
-      (loss, aux), grads = grads_of(state.params, batch, rng)
+      (loss, aux), grads = grads_of(state.params, batch, rng, task_state)
     else:  # negatives come from each microbatch only: documented in the config
       micro = jax.tree.map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
 
@@ -106,15 +126,20 @@ def make_train_step(task, tx, accum_steps: int, on_nonfinite: str):
       zeros = (zeros[0][0], zeros[0][1], zeros[1])
       (loss, aux, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
       loss, aux, grads = jax.tree.map(lambda x: x / accum_steps, (loss, aux, grads))
+    aux = dict(aux)
+    new_task_state = aux.pop("task_state", None)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+    new = state.replace(step=state.step + 1, params=post_update(optax.apply_updates(state.params, updates)),
                         opt_state=opt_state)
-    if on_nonfinite == "skip":  # keep the old params/opt state, still advance the step
-      new = new.replace(params=jax.tree.map(lambda n, o: jnp.where(finite, n, o), new.params, state.params),
-                        opt_state=jax.tree.map(lambda n, o: jnp.where(finite, n, o), new.opt_state,
-                                               state.opt_state))
+    if new_task_state is not None:
+      new = new.replace(task_state=new_task_state)
+    if on_nonfinite == "skip":  # keep the old params/opt state (and task state), still advance the step
+      keep = lambda n, o: jax.tree.map(lambda a, b: jnp.where(finite, a, b), n, o)
+      new = new.replace(params=keep(new.params, state.params), opt_state=keep(new.opt_state, state.opt_state))
+      if new_task_state is not None:
+        new = new.replace(task_state=keep(new.task_state, state.task_state))
     return new, {"loss": loss, "grad_norm": grad_norm, "finite": finite, **aux}
 
   return step
@@ -423,7 +448,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> RunResult:
   if int(jax.device_get(state.step)) == total_steps and is_main:
     with storage.staged_dir(workdir / "model") as model_dir:  # uploaded when remote
       task.export(state.params, model_dir)
-    writer.console(f"inference model: {workdir / 'model'} (python -m mmret_jax.embed --model {workdir} ...)")
+    usage = getattr(task, "usage", "").format(workdir=workdir)
+    writer.console(f"inference model: {workdir / 'model'}" + (f" ({usage})" if usage else ""))
   return RunResult(eval=last_eval, state=state, total_steps=total_steps, interrupted=interrupted)
 
 
@@ -437,9 +463,7 @@ def _setup(config, workdir, mesh, global_batch: int, is_main: bool) -> _Setup:
   init_rng, train_rng = init_and_train_keys(config)
 
   def boxed_state():
-    params = task.init_params(init_rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=train_rng)
+    return make_state(task, tx, task.init_params(init_rng), train_rng)
 
   abstract_boxed = jax.eval_shape(boxed_state)
   partitioning.params_logical_specs(abstract_boxed.params)  # every param must carry axis names
@@ -463,9 +487,7 @@ def _setup(config, workdir, mesh, global_batch: int, is_main: bool) -> _Setup:
       if config.get("init_from"):
         host = task.load_init(jax.device_get(state.params))
         params = jax.device_put(host, state_sh.params)
-        state = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
-                                             opt_state=tx.init(p), rng=train_rng),
-                        out_shardings=state_sh)(params)
+        state = jax.jit(lambda p: make_state(task, tx, p, train_rng), out_shardings=state_sh)(params)
       start = 0
     if is_main:
       _record_config(workdir, config, resumed=start > 0)

@@ -3,8 +3,8 @@ norms and biases, global-norm clipping, freezing by param-path regex.
 
 Config (`config.optim`):
   learning_rate, warmup_steps | warmup_fraction, schedule (linear|cosine|constant|epoch_cosine),
-  end_lr_factor, b1, b2, eps, weight_decay, no_decay (regexes), grad_clip_norm (0 = off),
-  freeze (regexes);
+  end_lr_factor, b1, b2, eps, weight_decay, no_decay (regexes), no_decay_below_ndim (no decay for
+  params of fewer dims, e.g. 2 as CLIP's trainers), grad_clip_norm (0 = off), freeze (regexes);
   epoch_cosine: cosine_epochs, cosine_clamp (BLIP's per-epoch `cosine_lr_schedule`);
   lr_groups: ((regex, lr multiplier, schedule), ...): params matching a regex get their own AdamW
   with learning_rate x multiplier on `schedule` ("" = the main schedule, or any kind above),
@@ -93,7 +93,11 @@ def make_optimizer(cfg, total_steps: int, extra_freeze: Sequence[str] = (), step
   get zero updates, so they stay bitwise unchanged."""
   schedule = make_schedule(cfg, total_steps, steps_per_epoch)
   no_decay = matches(tuple(cfg.get("no_decay", NO_DECAY_DEFAULT)))
-  decay_mask = lambda params: _map_paths(lambda p: not no_decay(p), params)
+  below = int(cfg.get("no_decay_below_ndim", 0) or 0)  # CLIP's rule: no decay for params with ndim < 2
+  ndim = lambda x: getattr(getattr(x, "value", x), "ndim", 0)
+  decay_mask = lambda params: jax.tree_util.tree_map_with_path(
+      lambda p, x: not no_decay(path_str(p)) and ndim(x) >= below, params,
+      is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
   adamw = lambda sched: optax.adamw(sched, b1=float(cfg.get("b1", 0.9)), b2=float(cfg.get("b2", 0.999)),
                                     eps=float(cfg.get("eps", 1e-8)),
                                     weight_decay=float(cfg.get("weight_decay", 0.0)), mask=decay_mask)

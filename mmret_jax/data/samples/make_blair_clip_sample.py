@@ -13,7 +13,6 @@ from __future__ import annotations
 import pathlib
 import random
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 OUT = pathlib.Path(__file__).resolve().parent / "blair_clip"

@@ -577,7 +577,8 @@ def write_run_file(path: str | os.PathLike, results: Iterable[tuple[str, Sequenc
                    run: str, task_ids: Mapping[str, int | str]) -> None:
   """Writes (qid, ranked dids, scores) as the seed: `qid Q0 did rank score run_id task_id` lines.
 
-  Ranks start at 1; scores are printed with str() (a numpy float32 gives its shortest repr).
+  Ranks start at 1; scores are formatted with str() of the value given (the pipeline passes float64
+  scores, printed in full as the seed's).
   """
   with open(path, "w", encoding="utf-8") as f:
     for qid, dids, scores in results:
@@ -672,14 +673,21 @@ class MBEIR:
     _check_split(split)
     return [s for s in EVAL_SETS.values() if self.query_path(s.name, split).is_file()]
 
+  def _path(self, path: str | os.PathLike) -> pathlib.Path:
+    """A file path relative to the root, absolute, or already joined to a relative root."""
+    p = pathlib.Path(path)
+    if p.is_absolute() or (self.root / p).exists() or not p.exists():
+      return self.root / p  # (root / absolute = the absolute path)
+    return p
+
   def queries(self, path: str | os.PathLike, unique: bool = True, check_images: bool = True) -> JsonlRecords:
     """The queries of a file (path relative to the root, or absolute)."""
-    return JsonlRecords(self.root / path, "query", unique=unique, image_root=self.image_root,
+    return JsonlRecords(self._path(path), "query", unique=unique, image_root=self.image_root,
                         check_images=check_images)
 
   def pool(self, path: str | os.PathLike, check_images: bool = False) -> JsonlRecords:
     """A candidate pool (path relative to the root, or absolute); ids are made unique."""
-    return JsonlRecords(self.root / path, "candidate", image_root=self.image_root,
+    return JsonlRecords(self._path(path), "candidate", image_root=self.image_root,
                         check_images=check_images)
 
   def global_pool(self, split: str = "test", check_images: bool = False) -> JsonlRecords:
