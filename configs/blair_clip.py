@@ -25,6 +25,7 @@ def get_config(arg=None):
               temperature_init=0.07, text_text_weight=0.5, freeze_clip_tower=False, freeze_text_tower=False)
   c.data.image_column = "image_path"
   c.data.image_root = ""
+  c.data.missing_images = "skip"  # skip | black: a row without a readable image is dropped or (the fork) fed black
   c.checkpoint.best_metric = "eval/t2i/recall@10"
   if not arg.smoke:
     c.init_from = "hyp1231/blair-roberta-base"

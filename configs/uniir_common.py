@@ -21,7 +21,7 @@ def uniir_config(variant: str, arg, *, per_device_batch: int, init_from: str):
   a = parse_arg(arg, smoke=False)
   backbone = variant.split("_")[0]
   c = base_config()
-  c.task = "uniir"
+  c.task = f"uniir_{backbone}"  # the UniIR task (tasks/uniir.py) with the backbone checked
   c.seed = 2023
   c.init_from = init_from  # a converted UniIR dir: `python -m mmret_jax.convert to-jax SRC DST --family uniir`
   c.tokenizer = ""

@@ -224,3 +224,93 @@ def uniir_enqueue(query_queue: jax.Array, cand_queue: jax.Array, id_queue: jax.A
 def momentum_update(params_m, params, momentum: float):
   """EMA of the online weights: p_m <- p_m * m + p * (1 - m) (the seed's `_momentum_update`)."""
   return jax.tree.map(lambda a, b: a * momentum + b.astype(a.dtype) * (1.0 - momentum), params_m, params)
+
+
+# ----------------------------------------------------------------------------- BagFormer
+# shared/reference/bagformer.md §2; seed `models/loss.py` (`tokenwise_similarity`, `tokenwise_similarity_martix`,
+# `tokenwise_similarity_loss`) and `BagFormer.forward` (ITA, ITM). B in-batch pairs, diagonal targets, no queue.
+# Shapes: K text bags, P image tokens (257 with CLS), E the projection dim (256).
+
+
+def tokenwise_similarity(q: jax.Array, d: jax.Array) -> jax.Array:
+  """Late interaction [Nq, Lq, E], [Nd, Ld, E] -> [Nq, Nd] float32: S[a, b] = sum_i max_j <q_a,i, d_b,j>.
+
+  Every token of q (zero vectors included) counts once; a zero d token can be the max (value 0).
+  Materialises [Nq, Nd, Lq, Ld]: meant for a training batch; pools go through `eval.late_interaction`.
+  """
+  s = jnp.einsum("aie,bje->abij", q.astype(jnp.float32), d.astype(jnp.float32))
+  return s.max(-1).sum(-1)
+
+
+def _diag_ce(logits: jax.Array) -> jax.Array:
+  """Mean CE of the rows of [B, B] logits with the diagonal as targets."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.arange(logits.shape[0])).mean()
+
+
+def bagformer_twc_loss_with_scores(text_bags: jax.Array, image_tokens: jax.Array,
+                                   bag_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Token-wise contrastive (TWC) loss and its two score matrices; no temperature (seed's loss).
+
+  Args:
+    text_bags: [B, K, E] bag features (normalised; masked bags already zero, or zeroed by `bag_mask`).
+    image_tokens: [B, P, E] normalised projected ViT tokens (CLS included).
+    bag_mask: optional [B, K] 0/1, multiplied into `text_bags` (the seed's `text_feats * mask`).
+  Returns:
+    (loss, s_i2t [B_img, B_txt] = sum_p max_k, s_t2i [B_txt, B_img] = sum_k max_p); both come from
+    one [B_txt, B_img, K, P] similarity tensor. loss = (CE(s_i2t rows) + CE(s_t2i rows)) / 2.
+  """
+  t, v = text_bags.astype(jnp.float32), image_tokens.astype(jnp.float32)
+  if bag_mask is not None:
+    t = t * bag_mask.astype(jnp.float32)[..., None]
+  sim = jnp.einsum("tke,ipe->tikp", t, v)
+  s_t2i = sim.max(3).sum(2)          # [B_txt, B_img]
+  s_i2t = sim.max(2).sum(2).T        # [B_img, B_txt]
+  return 0.5 * (_diag_ce(s_i2t) + _diag_ce(s_t2i)), s_i2t, s_t2i
+
+
+def bagformer_twc_loss(text_bags: jax.Array, image_tokens: jax.Array, bag_mask: jax.Array | None = None) -> jax.Array:
+  """[B, K, E], [B, P, E] -> scalar TWC loss (see `bagformer_twc_loss_with_scores`)."""
+  return bagformer_twc_loss_with_scores(text_bags, image_tokens, bag_mask)[0]
+
+
+def bagformer_ita_loss(image_cls: jax.Array, text_cls: jax.Array, temp: jax.Array | float) -> jax.Array:
+  """ITA: [B, E] normalised image / text CLS features, the (clamped) temperature -> scalar
+  (CE(v t^T / temp) + CE(t v^T / temp)) / 2 with diagonal targets."""
+  v, t = image_cls.astype(jnp.float32), text_cls.astype(jnp.float32)
+  return 0.5 * (_diag_ce(v @ t.T / temp) + _diag_ce(t @ v.T / temp))
+
+
+def itm_negatives(rng: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
+  """One in-batch negative per row, uniform over the other B - 1 rows (the seed's `torch.multinomial`
+  over all-ones weights with a zero diagonal): i -> (i + U{1..B-1}) mod B.
+
+  Returns (neg_image_for_text [B], neg_text_for_image [B]) int32, drawn independently.
+  """
+  batch = int(batch)
+  if batch < 2:
+    raise ValueError(f"ITM negatives need a batch of at least 2 pairs, got {batch}")
+  k_img, k_txt = jax.random.split(rng)
+  rows = jnp.arange(batch, dtype=jnp.int32)
+  draw = lambda key: (rows + jax.random.randint(key, (batch,), 1, batch, jnp.int32)) % batch
+  return draw(k_img), draw(k_txt)
+
+
+def itm_pair_indices(neg_image_for_text: jax.Array, neg_text_for_image: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The seed's 3B ITM pairs as (text rows [3B], image rows [3B]), in `bagformer_itm_loss`'s order."""
+  rows = jnp.arange(neg_image_for_text.shape[0], dtype=jnp.int32)
+  texts = jnp.concatenate([rows, rows, neg_text_for_image.astype(jnp.int32)])
+  images = jnp.concatenate([rows, neg_image_for_text.astype(jnp.int32), rows])
+  return texts, images
+
+
+def bagformer_itm_loss(logits: jax.Array) -> jax.Array:
+  """ITM cross-entropy of `itm_head` logits [3B, 2] (class 1 = match), labels [1]*B + [0]*2B.
+
+  Row order (the seed's `BagFormer.forward`): rows 0..B-1 the positive pairs (text_b, image_b);
+  rows B..2B-1 (text_b, negative image of text b); rows 2B..3B-1 (negative text of image b, image_b).
+  """
+  if logits.ndim != 2 or logits.shape[1] != 2 or logits.shape[0] % 3:
+    raise ValueError(f"ITM logits must be [3B, 2], got {logits.shape}")
+  b = logits.shape[0] // 3
+  labels = jnp.concatenate([jnp.ones((b,), jnp.int32), jnp.zeros((2 * b,), jnp.int32)])
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()

@@ -138,3 +138,37 @@ def test_blip_train_is_keyed_and_varied():
   # the ops drawn: two per image, with replacement, over BLIP's ten
   names = np.random.default_rng(5).choice(np.asarray(augment.BLIP_OPS), 2)
   assert set(names) <= set(augment.BLIP_OPS) and math.isclose(5 / 10 * 1.8 + 0.1, 1.0)
+
+
+def test_enhance_ops_at_bagformers_magnitude_match_the_seed():
+  """M=7 (BagFormer): the seed's numpy brightness (table truncation) and its interior-only sharpness."""
+  img = _img(9, 11, seed=3)
+  a = np.asarray(img)
+  factor = 7 / 10 * 1.8 + 0.1
+  want = np.empty_like(a)
+  for v in range(256):  # the seed's table: value * factor, clipped, truncated
+    want[a == v] = int(min(255.0, float(np.float32(v) * np.float32(factor))))
+  np.testing.assert_array_equal(np.asarray(augment.apply_op(img, "Brightness", 7, np.random.default_rng(0))), want)
+  kernel = [[1, 1, 1], [1, 5, 1], [1, 1, 1]]
+  want = a.astype(np.float64).copy()
+  for y in range(1, a.shape[0] - 1):
+    for x in range(1, a.shape[1] - 1):
+      for ch in range(3):
+        smooth = sum(kernel[i][j] * float(a[y - 1 + i, x - 1 + j, ch]) for i in range(3) for j in range(3)) / 13
+        deg = min(255.0, max(0.0, float(np.rint(smooth))))
+        want[y, x, ch] = min(255.0, max(0.0, deg + factor * (float(a[y, x, ch]) - deg)))
+  got = np.asarray(augment.apply_op(img, "Sharpness", 7, np.random.default_rng(0)))
+  assert np.abs(got.astype(np.float64) - np.floor(want)).max() <= 1  # float32 vs float64 truncation
+  np.testing.assert_array_equal(got[0], a[0])  # border rows and columns stay
+  np.testing.assert_array_equal(got[:, -1], a[:, -1])
+
+
+def test_bagformer_train_is_keyed():
+  img = _img(40, 60)
+  a = augment.bagformer_train(img, np.random.default_rng((4, 0, 1)), 16)
+  b = augment.bagformer_train(img, np.random.default_rng((4, 0, 1)), 16)
+  assert a.size == (16, 16)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert len({np.asarray(augment.bagformer_train(img, np.random.default_rng((4, 0, k)), 16)).tobytes()
+              for k in range(8)}) == 8
+  assert set(augment.BAGFORMER_OPS) == set(augment.BLIP_OPS)

@@ -123,10 +123,10 @@ def test_bert_with_fused_attention_matches_xla_path():
   mask[1, 9:] = 0
   ids[1, 9:] = 1
   outs, grads = {}, {}
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  params = nn.unbox(bert.init_params(bert.BertModel(cfg, add_pooling_layer=True), jax.random.PRNGKey(0), seq_len=16))
   for impl in ("xla", "fused_interpret", "fused_qkv_interpret"):
-    import dataclasses  # pylint: disable=import-outside-toplevel
     model = bert.BertModel(dataclasses.replace(cfg, attention_impl=impl), add_pooling_layer=True)
-    params = nn.unbox(bert.init_params(model, jax.random.PRNGKey(0), seq_len=16)) if impl == "xla" else params
     outs[impl] = model.apply({"params": params}, ids, mask)
     # HF-style init zeroes the biases: shift them so the kernels' bias handling matters
     shifted = jax.tree_util.tree_map_with_path(

@@ -327,6 +327,40 @@ def test_loss_matches_fork_torch(setup, torch_one_thread, weight, logit_scale): 
 # --------------------------------------------------------------------------------------------- data
 
 
+def test_missing_images_black_mode_feeds_a_black_image(tmp_path):
+  """data.missing_images=black (the fork's loader): a row with a missing image file or an empty image
+  path (an image prepare_blair --images could not download) trains on a black image, counted; with the
+  default (skip) the empty-path row is left out of the source and counted as no_image."""
+  tsv = write_data(tmp_path, n=48, missing=(20,))
+  lines = tsv.read_text().splitlines()
+  review, meta, _ = lines[1 + 21].split("\t")
+  lines[1 + 21] = f"{review}\t{meta}\t"  # row 21: no image downloaded
+  tsv.write_text("\n".join(lines) + "\n")
+  mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  skip = BlairClipTask(tiny_config(tsv), mesh, tmp_path / "w_skip")
+  assert skip.source.stats["skip_reasons"] == {"no_image": 1} and len(skip.source) == 47
+  task = BlairClipTask(tiny_config(tsv, **{"data.missing_images": "black"}), mesh, tmp_path / "w")
+  assert len(task.source) == 48 and task.source.stats["rows_without_image"] == 1
+  assert task.source[21]["image_path"] == ""
+  black = image_lib.black_image(task.image_config)
+  np.testing.assert_allclose(black[0, 0], -np.asarray(image_lib.OPENAI_CLIP_MEAN) / np.asarray(image_lib.OPENAI_CLIP_STD),
+                             atol=1e-6)
+  it = task.train_iterator(BATCH)
+  bad = {20, 21} & set(task.train_idx.tolist())
+  found = set()
+  for _ in range(-(-len(task.train_idx) // BATCH)):  # one epoch of the train rows
+    batch = next(it)
+    for row, idx in enumerate(batch["index"].tolist()):
+      if idx in bad:
+        np.testing.assert_array_equal(batch["image"][row], black)
+        found.add(idx)
+      else:
+        assert not np.array_equal(batch["image"][row], black)
+  assert found == bad and task.images_skipped == len(bad)
+  with pytest.raises(ValueError, match="data.missing_images must be 'skip' or 'black'"):
+    BlairClipTask(tiny_config(tsv, **{"data.missing_images": "gray"}), mesh, tmp_path / "w2").make_source()
+
+
 def test_missing_image_row_is_skipped_and_counted(setup):
   task = setup.task
   bad = 20

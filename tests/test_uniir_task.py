@@ -172,6 +172,8 @@ def test_user_errors(tmp_path, capsys):
     make_task(tiny("blip_sf", tmp_path, **{"uniir.queue_size": 40}), tmp_path / "a")
   with pytest.raises(ValueError, match="uniir.variant must be one of"):
     make_task(tiny("clip_sf", tmp_path, **{"uniir.variant": "clip_xx"}), tmp_path / "b")
+  with pytest.raises(ValueError, match="task 'uniir_blip' trains blip_sf / _ff, but uniir.variant is 'clip_sf'"):
+    make_task(tiny("clip_sf", tmp_path, task="uniir_blip"), tmp_path / "b2")
   with pytest.raises(ValueError, match="has no images"):
     make_task(tiny("clip_sf", tmp_path, **{"data.synthetic_images": False, "data.image_root": ""}), tmp_path / "c")
   from mmret_jax.tasks.uniir import UniIREncoder  # pylint: disable=import-outside-toplevel

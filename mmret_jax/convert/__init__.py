@@ -10,6 +10,7 @@ import types
 import numpy as np
 
 from mmret_jax import st_config, storage
+from mmret_jax.convert import bagformer as bagformer_family
 from mmret_jax.convert import bert as bert_family
 from mmret_jax.convert import blip as blip_family
 from mmret_jax.convert import clip as clip_family
@@ -20,17 +21,19 @@ from mmret_jax.convert.core import (ConversionError, META_FILE, copy_tokenizer_f
 
 # family name -> key-map module; HF model_type -> family name.
 FAMILIES: dict[str, types.ModuleType] = {"bert": bert_family, "clip": clip_family, "blip": blip_family,
-                                         "t5": t5_family, "uniir": uniir_family}
+                                         "t5": t5_family, "uniir": uniir_family, "bagformer": bagformer_family}
 MODEL_TYPE_TO_FAMILY = {**{mt: "bert" for mt in bert_family.MODEL_TYPES},
                         **{mt: "clip" for mt in clip_family.MODEL_TYPES},
                         **{mt: "blip" for mt in blip_family.MODEL_TYPES},
                         **{mt: "t5" for mt in t5_family.MODEL_TYPES},
-                        **{mt: "uniir" for mt in uniir_family.MODEL_TYPES}}
+                        **{mt: "uniir" for mt in uniir_family.MODEL_TYPES},
+                        **{mt: "bagformer" for mt in bagformer_family.MODEL_TYPES}}
 # Source formats that are not HF layouts: translated to HF keys + config first. `blip` = the original
 # salesforce/BLIP .pth (an HF BLIP dir given with --family blip takes the HF path); `uniir` = a UniIR
-# checkpoint (clip_sf / clip_ff / blip_sf / blip_ff, detected), or any CLIP for a zero-shot CLIP-SF.
+# checkpoint (clip_sf / clip_ff / blip_sf / blip_ff, detected), or any CLIP for a zero-shot CLIP-SF;
+# `bagformer` = a howard-hou/BagFormer (ALBEF-layout) checkpoint.
 SOURCE_FORMATS = {"openai-clip": clip_family.openai_to_hf, "blip": blip_family.original_to_hf,
-                  "uniir": uniir_family.original_to_ours}
+                  "uniir": uniir_family.original_to_ours, "bagformer": bagformer_family.original_to_ours}
 
 __all__ = ["ConversionError", "to_jax", "to_hf", "convert_in_memory", "load_any", "is_converted_dir"]
 
@@ -66,7 +69,8 @@ def convert_in_memory(src: str | os.PathLike, *, config: str | os.PathLike | Non
                       family: str | None = None, image_size: int | None = None) -> tuple[dict, dict, dict]:
   """HF dir or bare state dict -> (meta, hf_config, params) without writing anything.
 
-  `image_size`: for an original BLIP .pth, the input size its position table is resized to (384)."""
+  `image_size`: for an original BLIP .pth or a BagFormer checkpoint, the input size its position table is
+  resized to (BLIP: 384; BagFormer: --config's, else the checkpoint's own)."""
   src = pathlib.Path(src)
   if not src.exists():
     raise FileNotFoundError(f"Source not found: {src}")
@@ -74,12 +78,14 @@ def convert_in_memory(src: str | os.PathLike, *, config: str | os.PathLike | Non
   sd = read_state_dict(src) if family in SOURCE_FORMATS else None
   if family == "blip" and not blip_family.is_original(sd):
     family = None  # an HF BLIP dir / state dict: its config says the rest
-  if image_size is not None and family != "blip":
-    raise ConversionError("--image-size applies to original BLIP checkpoints (--family blip) only")
+  if image_size is not None and family not in ("blip", "bagformer"):
+    raise ConversionError("--image-size applies to original BLIP and BagFormer checkpoints "
+                          "(--family blip / bagformer) only")
   if family in SOURCE_FORMATS:  # e.g. an OpenAI CLIP .pt/.pth: config inferred from the weights
     opts = {}
-    if family == "blip":  # an original BLIP .pth: --config (an HF BlipConfig) may fix the dims
-      opts = {"image_size": image_size, "hf_config": _read_hf_config(src, config) if config else None}
+    if family in ("blip", "bagformer"):  # --config (an HF BlipConfig / a BagFormer config) may fix the dims
+      has_config = config or (family == "bagformer" and src.is_dir() and (src / "config.json").exists())
+      opts = {"image_size": image_size, "hf_config": _read_hf_config(src, config) if has_config else None}
     elif family == "uniir" and (config or (src.is_dir() and (src / "config.json").exists())):
       opts = {"hf_config": _read_hf_config(src, config)}  # an HF CLIPModel (zero-shot CLIP-SF)
     sd, hf_config = SOURCE_FORMATS[family](sd, **opts)

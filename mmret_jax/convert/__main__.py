@@ -23,9 +23,11 @@ def main(argv=None) -> int:
                                   "`openai-clip` reads an OpenAI CLIP state dict, `blip` an original "
                                   "salesforce/BLIP .pth (model_base.pth, ...); neither needs --config; "
                                   "`uniir` a UniIR checkpoint (clip_sf_large.pth, ..., variant detected) "
-                                  "or, from a CLIP dir / state dict, a zero-shot CLIP-SF")
+                                  "or, from a CLIP dir / state dict, a zero-shot CLIP-SF; `bagformer` a "
+                                  "howard-hou/BagFormer or ALBEF-layout checkpoint")
   a.add_argument("--image-size", type=int, default=None,
-                 help="original BLIP .pth only: input size the position table is resized to (default 384)")
+                 help="original BLIP .pth / BagFormer checkpoint only: input size the position table is "
+                      "resized to (default: BLIP 384, BagFormer the checkpoint's own)")
   a.add_argument("--tokenizer", help="dir with tokenizer files (default: SRC, or --config's dir)")
   a.add_argument("--overwrite", action="store_true", help="replace an existing DST")
   b = sub.add_parser("to-hf", help="converted mmret_jax dir -> Hugging Face dir (safetensors)")

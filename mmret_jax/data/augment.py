@@ -18,7 +18,6 @@ from typing import Callable
 
 import numpy as np
 import PIL.Image
-import PIL.ImageEnhance
 import PIL.ImageOps
 
 MAX_LEVEL = 10
@@ -83,8 +82,7 @@ def apply_op(img: PIL.Image.Image, name: str, level: float, rng: np.random.Gener
     factor = level / MAX_LEVEL * 1.8 + 0.1
     if abs(factor - 1.0) < 1e-12:
       return img
-    enhancer = PIL.ImageEnhance.Brightness if name == "Brightness" else PIL.ImageEnhance.Sharpness
-    return enhancer(img).enhance(factor)
+    return (brightness if name == "Brightness" else sharpness)(img, factor)
   if name in ("ShearX", "ShearY"):  # the seed's matrices [[1, s, 0], [0, 1, 0]] / [[1, 0, 0], [s, 1, 0]]
     s = _signed(level / MAX_LEVEL * 0.3, rng)
     return warp(img, [[1, s, 0], [0, 1, 0]] if name == "ShearX" else [[1, 0, 0], [s, 1, 0]])
@@ -96,6 +94,31 @@ def apply_op(img: PIL.Image.Image, name: str, level: float, rng: np.random.Gener
     deg = -deg if rng.random() < 0.5 else deg
     return warp(img, rotation_matrix(img.width, img.height, deg))
   raise ValueError(f"unknown augmentation op {name!r}; known: {BLIP_OPS}")
+
+
+def brightness(img: PIL.Image.Image, factor: float) -> PIL.Image.Image:
+  """The seed's `brightness_func`: a lookup table value * factor, clipped, truncated to uint8."""
+  table = (np.arange(256, dtype=np.float32) * np.float32(factor)).clip(0, 255).astype(np.uint8)
+  return PIL.Image.fromarray(table[np.asarray(img)])
+
+
+def sharpness(img: PIL.Image.Image, factor: float) -> PIL.Image.Image:
+  """The seed's `sharpness_func`: blend with a 3x3 smoothing ([1 1 1; 1 5 1; 1 1 1] / 13, rounded to
+  uint8 as OpenCV's filter2D) on the interior pixels only (the border rows / columns stay), float32
+  blend truncated to uint8 (clipped to [0, 255] first, where the seed's cast of an out-of-range float is
+  undefined)."""
+  a = np.asarray(img).astype(np.float32)
+  if a.shape[0] < 3 or a.shape[1] < 3:
+    return img
+  k = np.ones((3, 3), np.float32)
+  k[1, 1] = 5
+  k /= 13
+  h, w = a.shape[:2]
+  deg = sum(k[i, j] * a[i:h - 2 + i, j:w - 2 + j] for i in range(3) for j in range(3))
+  deg = np.clip(np.rint(deg), 0, 255)
+  out = a.copy()
+  out[1:-1, 1:-1] = deg + np.float32(factor) * (a[1:-1, 1:-1] - deg)
+  return PIL.Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
 
 
 def random_augment(img: PIL.Image.Image, rng: np.random.Generator, n: int = 2, m: int = 5,
@@ -118,6 +141,23 @@ def blip_train(img: PIL.Image.Image, rng: np.random.Generator, size: int, min_sc
   if rng.random() < 0.5:
     img = PIL.ImageOps.mirror(img)
   return random_augment(img, rng)
+
+
+BAGFORMER_OPS = ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness", "ShearX", "ShearY",
+                 "TranslateX", "TranslateY", "Rotate")
+
+
+def bagformer_train(img: PIL.Image.Image, rng: np.random.Generator, size: int) -> PIL.Image.Image:
+  """BagFormer's training transform (MUGE_helper/dataset.py): RandomResizedCrop(size, (0.5, 1), bicubic)
+  -> horizontal flip -> RandomAugment(2, 7) over its op list (same ops as BLIP's, another order);
+  at M=7 the enhance factor is 1.36 (Brightness / Sharpness act), shear +-0.21, translation +-7 px,
+  rotation +-21 degrees."""
+  img = img.convert("RGB") if img.mode != "RGB" else img
+  left, top, w, h = random_resized_crop_box(img.width, img.height, rng, (0.5, 1.0))
+  img = img.resize((size, size), PIL.Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+  if rng.random() < 0.5:
+    img = PIL.ImageOps.mirror(img)
+  return random_augment(img, rng, n=2, m=7, ops=BAGFORMER_OPS)
 
 
 def keyed(fn: Callable[..., PIL.Image.Image], keys, **kw) -> Callable[[int, PIL.Image.Image], PIL.Image.Image]:

@@ -416,6 +416,14 @@ def preprocess(img: ImageInput, cfg: ImageConfig) -> np.ndarray:
   return out
 
 
+def black_image(cfg: ImageConfig) -> np.ndarray:
+  """A black RGB image through `cfg` (float32 [H, W, 3], normalised): the stand-in for a missing one."""
+  hw = cfg.output_hw
+  if hw is None:
+    raise ValueError("black_image needs a fixed output size")
+  return preprocess(PIL.Image.new("RGB", (hw[1], hw[0])), cfg)
+
+
 def targetpad(img: ImageInput, target_ratio: float = 1.25, size: int = 384) -> np.ndarray:
   """Bi-BLIP4CIR `targetpad_transform(target_ratio, size)` -> float32 [size, size, 3].
 

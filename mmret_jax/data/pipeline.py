@@ -24,9 +24,10 @@ class SkipCounter:
 
 class _CountedFilterIterator(grain.DatasetIterator):
 
-  def __init__(self, parent: grain.DatasetIterator, keep: Callable[[Any], bool], counter: SkipCounter):
+  def __init__(self, parent: grain.DatasetIterator, keep: Callable[[Any], bool], counter: SkipCounter,
+               drop: bool = True):
     super().__init__(parent)
-    self._keep, self._counter = keep, counter
+    self._keep, self._counter, self._drop = keep, counter, drop
 
   def __next__(self):
     while True:
@@ -34,6 +35,8 @@ class _CountedFilterIterator(grain.DatasetIterator):
       if self._keep(row):
         return row
       self._counter.count += 1
+      if not self._drop:
+        return row
 
   def get_state(self):
     return {"parent": self._parent.get_state(), "skipped": self._counter.count}
@@ -48,14 +51,16 @@ class _CountedFilterIterator(grain.DatasetIterator):
 
 
 class CountedFilter(grain.IterDataset):
-  """`parent` without the rows where `keep(row)` is false; `counter.count` is how many were dropped."""
+  """`parent` without the rows where `keep(row)` is false; `counter.count` is how many were dropped.
+  `drop=False` counts those rows and passes them on (e.g. rows given a stand-in image)."""
 
-  def __init__(self, parent: grain.IterDataset, keep: Callable[[Any], bool], counter: SkipCounter):
+  def __init__(self, parent: grain.IterDataset, keep: Callable[[Any], bool], counter: SkipCounter,
+               drop: bool = True):
     super().__init__(parent)
-    self._keep, self.counter = keep, counter
+    self._keep, self.counter, self._drop = keep, counter, drop
 
   def __iter__(self) -> _CountedFilterIterator:
-    return _CountedFilterIterator(self._parent.__iter__(), self._keep, self.counter)
+    return _CountedFilterIterator(self._parent.__iter__(), self._keep, self.counter, self._drop)
 
 
 class EpochBatches(grain.transforms.Map):

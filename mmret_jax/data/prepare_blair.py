@@ -37,6 +37,23 @@ features `review`/`meta` Text, one `train` split, row order kept, shards of
 `--rows-per-shard` rows) for `PairsSource` / grain random access, via a temporary
 TSV in the output dir. TensorFlow is not needed. `--from-tsv` converts an existing
 TSV (e.g. the seed's `clean_review_meta.tsv`) the same way.
+
+BLaIR-CLIP (the fork aokhader/BLAIR-MultiModal's `sample_multimodal_data.py`):
+
+    python -m mmret_jax.data.prepare_blair --reviews raw/review_categories \\
+        --meta raw/meta_categories --categories Appliances \\
+        --output clean_review_meta_with_images.tsv --images blair_clip_images
+
+writes the same rows with a third column `image_path`: the item's image (`image_download`:
+first `images` entry with a URL, hi_res > large > thumb; 224x224 bicubic) stored once per item as
+`<images>/<parent_asin>.png`, the column holding that name relative to `--images` (train with
+`data.image_root=<images>`). A row whose image could not be had keeps an empty `image_path` (the
+fork's loader feeds a black image; our `MultimodalPairsSource` skips such rows and counts them as
+`empty`), or is dropped with `--drop-missing-images`. Downloads are concurrent, retried, resumable
+(a rerun requests only what is missing) and counted per failure reason (`<output>.stats.json`).
+The fork differs: it keeps only items whose image downloaded (= `--drop-missing-images`), drops
+repeated (review, meta) pairs (= `--dedup-pairs`), lets the first of two meta lines of an item win
+and downloads the images of every item with metadata, not just of the items that have rows.
 """
 
 from __future__ import annotations
@@ -44,6 +61,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import hashlib
 import itertools
 import json
 import os
@@ -58,7 +76,8 @@ import tqdm
 
 from mmret_jax import cli
 from mmret_jax.data.sources import amazon_reviews
-from mmret_jax.data.sources.amazon_reviews import format_tsv_row, meta_text, open_text, review_text
+from mmret_jax.data import image_download
+from mmret_jax.data.sources.amazon_reviews import format_tsv_row, meta_text, open_text, parse_tsv_line, review_text
 
 T1_TIMESTAMP = 1628643414042  # ms, 2021-08-11 UTC: t1 of the benchmark's timestamp split
 DATASET_NAME = "blair_pairs"
@@ -153,8 +172,12 @@ def _lines(path: pathlib.Path, desc: str, progress: bool) -> Iterator[bytes]:
 
 
 def load_meta_index(path: pathlib.Path, cfg: SampleConfig, counts: dict[str, int],
-                    progress: bool = True) -> dict[str, str]:
-  """parent_asin -> cleaned meta text, for items whose text is longer than `cfg.min_chars`."""
+                    progress: bool = True, urls: dict[str, str | None] | None = None) -> dict[str, str]:
+  """parent_asin -> cleaned meta text, for items whose text is longer than `cfg.min_chars`.
+
+  With `urls`, also fills `urls[parent_asin]` with the item's image URL (`select_image_url` of its
+  `images`, None when it has none) for the same items.
+  """
   index: dict[str, str] = {}
   for raw in _lines(path, f"meta {path.name}", progress):
     if not raw.strip():
@@ -175,13 +198,17 @@ def load_meta_index(path: pathlib.Path, cfg: SampleConfig, counts: dict[str, int
     if asin in index:
       counts["meta_duplicate"] += 1
     index[asin] = text
+    if urls is not None:
+      urls[asin] = image_download.select_image_url(item.get("images"))
   counts["items"] = len(index)
   return index
 
 
 def iter_category_pairs(category: str, path: pathlib.Path, index: dict[str, str], cfg: SampleConfig,
-                        counts: dict[str, int], progress: bool = True) -> Iterator[tuple[str, str]]:
-  """Yields (review, meta) for the reviews of one category that pass the seed's filters."""
+                        counts: dict[str, int], progress: bool = True, with_item: bool = False
+                        ) -> Iterator[tuple[str, ...]]:
+  """Yields (review, meta) for the reviews of one category that pass the seed's filters
+  ((review, meta, parent_asin) with `with_item`)."""
   rng = random.Random(f"{cfg.seed}/{category}")
   for raw in _lines(path, f"reviews {path.name}", progress):
     if not raw.strip():
@@ -207,7 +234,7 @@ def iter_category_pairs(category: str, path: pathlib.Path, index: dict[str, str]
       counts["review_short"] += 1
     else:
       counts["pairs"] += 1
-      yield text, index[asin]
+      yield (text, index[asin], asin) if with_item else (text, index[asin])
 
 
 COUNT_KEYS = ("meta_lines", "meta_malformed", "meta_short", "meta_duplicate", "items", "review_lines",
@@ -216,13 +243,22 @@ COUNT_KEYS = ("meta_lines", "meta_malformed", "meta_short", "meta_duplicate", "i
 
 
 def iter_pairs(files: Sequence[tuple[str, pathlib.Path, pathlib.Path]], cfg: SampleConfig,
-               stats: dict[str, dict[str, int]], progress: bool = True) -> Iterator[tuple[str, str]]:
-  """All categories' pairs in order; fills `stats[category]` with the counts."""
+               stats: dict[str, dict[str, int]], progress: bool = True, images: bool = False
+               ) -> Iterator[tuple[str, ...]]:
+  """All categories' pairs in order; fills `stats[category]` with the counts.
+
+  Yields (review, meta), or with `images` (review, meta, parent_asin, image URL or None).
+  """
   for category, reviews, meta in files:
     counts = stats.setdefault(category, dict.fromkeys(COUNT_KEYS, 0))
-    index = load_meta_index(meta, cfg, counts, progress)
-    yield from iter_category_pairs(category, reviews, index, cfg, counts, progress)
-    del index
+    urls: dict[str, str | None] | None = {} if images else None
+    index = load_meta_index(meta, cfg, counts, progress, urls)
+    if urls is None:
+      yield from iter_category_pairs(category, reviews, index, cfg, counts, progress)
+    else:
+      for review, text, asin in iter_category_pairs(category, reviews, index, cfg, counts, progress, True):
+        yield review, text, asin, urls[asin]
+    del index, urls
     if progress:
       print(f"{category}: {counts['pairs']} pairs from {counts['review_lines']} reviews, "
             f"{counts['items']} items", file=sys.stderr)
@@ -361,6 +397,81 @@ def write_array_record(pairs: Iterator[tuple[str, str]], out_dir: pathlib.Path,
     tmp.unlink(missing_ok=True)
 
 
+class PairDeduper:
+  """Drops a (review, meta) pair seen before (the fork's multimodal script: md5 of review + "\\n" + meta)."""
+
+  def __init__(self):
+    self._seen: set[bytes] = set()
+    self.duplicates = 0
+
+  def is_new(self, review: str, meta: str) -> bool:
+    key = hashlib.md5((review + "\n" + meta).encode("utf-8")).digest()
+    if key in self._seen:
+      self.duplicates += 1
+      return False
+    self._seen.add(key)
+    return True
+
+  def filter(self, pairs: Iterator[tuple[str, str]]) -> Iterator[tuple[str, str]]:
+    return (p for p in pairs if self.is_new(p[0], p[1]))
+
+
+IMAGE_COLUMN = "image_path"
+
+
+def write_multimodal_tsv(rows: Iterator[tuple[str, str, str, str | None]], path: pathlib.Path,
+                         image_dir: pathlib.Path, dl_cfg: image_download.DownloadConfig,
+                         drop_missing: bool = False, dedup: bool = False) -> dict[str, Any]:
+  """Writes the BLaIR-CLIP `review\\tmeta\\timage_path` TSV, downloading each row's item image once.
+
+  Rows (review, meta, item id, image URL) go to a temporary file beside `path` while the distinct
+  items are collected; then `image_download.download_images` fills `image_dir`, and the final TSV
+  is written (via `incomplete.<name>`, renamed when done) with `image_path` = the image's file name
+  inside `image_dir` (relative: train with `data.image_root=<image_dir>`), or "" when the item has
+  no image (the row is dropped instead with `drop_missing`). With `dedup`, a (review, meta) pair
+  already written is dropped (after the image drop, as the fork does).
+
+  Returns:
+    {"rows", "rows_with_image", "rows_without_image", "rows_dropped_missing_image",
+     "duplicate_pairs", "items", "download": {counts, http_status, failure_examples}}.
+  """
+  rows_tmp = path.with_name("incomplete." + path.name + ".rows")
+  out_tmp = path.with_name("incomplete." + path.name)
+  needed: dict[str, str | None] = {}
+  counts = dict.fromkeys(("rows", "rows_with_image", "rows_without_image", "rows_dropped_missing_image",
+                          "duplicate_pairs"), 0)
+  try:
+    with open(rows_tmp, "w", encoding="utf-8", newline="") as f:
+      for review, meta, item, url in rows:
+        f.write(format_tsv_row(review, meta, item))
+        needed.setdefault(item, url)
+    dl = image_download.download_images(needed, image_dir, dl_cfg)
+    dedupe = PairDeduper() if dedup else None
+    with open(rows_tmp, encoding="utf-8", newline="") as f, open_text(out_tmp, "wt", newline="") as out:
+      out.write(format_tsv_row("review", "meta", IMAGE_COLUMN))
+      for lineno, line in enumerate(f, start=1):
+        fields = parse_tsv_line(line.rstrip("\n"))
+        if fields is None or len(fields) != 3:
+          raise RuntimeError(f"{rows_tmp}:{lineno}: unreadable temporary row (file changed while running?)")
+        review, meta, item = fields
+        name = dl.files.get(item)
+        if name is None and drop_missing:
+          counts["rows_dropped_missing_image"] += 1
+          continue
+        if dedupe is not None and not dedupe.is_new(review, meta):
+          continue
+        out.write(format_tsv_row(review, meta, name or ""))
+        counts["rows"] += 1
+        counts["rows_with_image" if name else "rows_without_image"] += 1
+    os.replace(out_tmp, path)
+  finally:
+    rows_tmp.unlink(missing_ok=True)
+    out_tmp.unlink(missing_ok=True)
+  counts["duplicate_pairs"] = dedupe.duplicates if dedupe is not None else 0
+  return {**counts, "items": len(needed), "image_dir": str(image_dir),
+          "download": {"counts": dl.counts, "http_status": dl.http_status, "failure_examples": dl.examples}}
+
+
 # ---------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------
@@ -392,13 +503,35 @@ def _report(stats: dict[str, dict[str, int]], cfg: SampleConfig | None = None, o
         file=out)
 
 
+def _report_images(images: dict[str, Any], drop_missing: bool, out=sys.stdout) -> None:
+  """Where each item's image came from, why the others failed, and what happened to their rows."""
+  c, status = images["download"]["counts"], images["download"]["http_status"]
+  reasons = ", ".join(f"{r} {c[r]}" + (f" {status}" if r == "http_error" and status else "")
+                      for r in image_download.REASONS)
+  print(f"images: {c['items']} items = on_disk {c['on_disk']} + downloaded {c['downloaded']} + failed "
+        f"{c['failed']} ({reasons}; {c['not_retried']} recorded failures not retried); "
+        f"{c['requests']} HTTP requests; in {images['image_dir']}", file=out)
+  for ex in images["download"]["failure_examples"]:
+    print(f"  failed: {ex['item']} {ex['url']}: {ex['reason']}: {ex['detail']}", file=out)
+  missing = (f"dropped {images['rows_dropped_missing_image']} rows without an image (--drop-missing-images)"
+             if drop_missing else f"{images['rows_without_image']} rows have no image (empty image_path)")
+  print(f"rows: {images['rows_with_image']} with an image; {missing}", file=out)
+
+
 DESCRIPTION = """BLaIR pretraining pairs from raw Amazon Reviews 2023 files (the seed's sampling step).
 
 By default, as the seed does, only about 1 review in 10 is kept (--sample-rate 0.1), only reviews
 written before 2021-08-11 (--max-timestamp, the benchmark's t1 split point), and only reviews and
 item texts longer than 30 characters (--min-chars); a review whose item has no metadata is dropped.
 The table at the end counts every line each filter dropped; <output>.stats.json keeps them.
-Pass --sample-rate 1 to keep every review."""
+Pass --sample-rate 1 to keep every review.
+
+BLaIR-CLIP: --images DIR adds an image_path column (the fork's sample_multimodal_data.py): each row's
+item image (its first `images` entry with a URL: hi_res, else large, else thumb) is downloaded once,
+resized to 224x224 bicubic and stored as DIR/<parent_asin>.png; image_path is that name, relative to
+DIR (train with --config.data.image_root=DIR). Rerunning skips the images already in DIR and retries
+failures (--retry-failed). A row whose image failed keeps an empty image_path (the fork's loader feeds
+a black image; ours skips and counts the row), or is dropped with --drop-missing-images."""
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -421,6 +554,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--min-chars", type=int, default=30,
                  help="keep reviews and item texts strictly longer than this many characters")
   p.add_argument("--rows-per-shard", type=int, default=100_000, help="ArrayRecord rows per shard file")
+  p.add_argument("--dedup-pairs", action="store_true",
+                 help="drop a (review, meta) pair identical to an earlier one (the fork's multimodal script does)")
+  g = p.add_argument_group("BLaIR-CLIP images (--images)")
+  g.add_argument("--images", default=None, metavar="DIR",
+                 help="download one image per item into DIR and write a review/meta/image_path TSV")
+  g.add_argument("--image-size", type=int, default=224, metavar="N", help="stored images are N x N (bicubic)")
+  g.add_argument("--image-format", choices=tuple(image_download.FORMATS), default="png",
+                 help="png: lossless; jpg: quality 95, about 5x smaller (the fork saves jpg)")
+  g.add_argument("--download-workers", type=int, default=16, metavar="N", help="concurrent downloads")
+  g.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                 help="seconds to connect and between received bytes (a whole response: 3x)")
+  g.add_argument("--retries", type=int, default=3, metavar="N",
+                 help="retries after a timeout, connection error, HTTP 5xx / 408 / 429 (not other 4xx)")
+  g.add_argument("--backoff", type=float, default=1.0, metavar="S",
+                 help="first retry delay in seconds; doubles each retry")
+  g.add_argument("--user-agent", default=image_download.DEFAULT_USER_AGENT, metavar="UA", help="HTTP User-Agent header")
+  g.add_argument("--retry-failed", choices=image_download.RETRY_FAILED, default="transient",
+                 help="which failures recorded in DIR/download_failures.json a rerun requests again: transient "
+                      "(timeouts, connection errors, 5xx / 408 / 429), all, or none")
+  g.add_argument("--drop-missing-images", action="store_true",
+                 help="drop rows whose image could not be had (default: keep them with an empty image_path)")
   p.add_argument("--overwrite", action="store_true", help="replace an existing output")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   args = p.parse_args(argv)
@@ -433,6 +587,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.error(f"--sample-rate must be in (0, 1], got {args.sample_rate}")
   if args.rows_per_shard < 1:
     p.error("--rows-per-shard must be positive")
+  if args.images:
+    if args.from_tsv or args.format != "tsv":
+      p.error("--images writes a TSV (review, meta, image_path): use it with --format tsv, without --from-tsv")
+    for name, lo in (("image_size", 1), ("download_workers", 1), ("retries", 0)):
+      if getattr(args, name) < lo:
+        p.error(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
+    if not args.timeout > 0 or args.backoff < 0:
+      p.error(f"--timeout must be > 0 and --backoff >= 0, got {args.timeout}, {args.backoff}")
+  elif args.drop_missing_images:
+    p.error("--drop-missing-images needs --images DIR")
   return args
 
 
@@ -470,22 +634,49 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   cfg = SampleConfig(sample_rate=args.sample_rate, seed=args.seed, max_timestamp=args.max_timestamp,
                      min_chars=args.min_chars)
   files = resolve_categories(args.reviews, args.meta, args.categories)
+  if args.images and pathlib.Path(args.images).exists() and not pathlib.Path(args.images).is_dir():
+    raise NotADirectoryError(f"--images {args.images} exists and is not a directory")
   _clear(target, args.overwrite)
   stats: dict[str, dict[str, int]] = {}
-  pairs = iter_pairs(files, cfg, stats, progress=not args.no_progress)
-  if args.format == "tsv":
-    rows = write_tsv(pairs, out)
+  images = None
+  if args.images:
+    dl_cfg = image_download.DownloadConfig(
+        size=args.image_size, image_format=args.image_format, workers=args.download_workers,
+        timeout=args.timeout, retries=args.retries, backoff=args.backoff, user_agent=args.user_agent,
+        retry_failed=args.retry_failed, progress=not args.no_progress)
+    rows_iter = iter_pairs(files, cfg, stats, progress=not args.no_progress, images=True)
+    images = write_multimodal_tsv(rows_iter, out, pathlib.Path(args.images), dl_cfg,
+                                  drop_missing=args.drop_missing_images, dedup=args.dedup_pairs)
+    rows = images["rows"]
   else:
-    rows = write_array_record(pairs, out, args.rows_per_shard)
+    dedupe = PairDeduper() if args.dedup_pairs else None
+    pairs = iter_pairs(files, cfg, stats, progress=not args.no_progress)
+    if dedupe is not None:
+      pairs = dedupe.filter(pairs)
+    if args.format == "tsv":
+      rows = write_tsv(pairs, out)
+    else:
+      rows = write_array_record(pairs, out, args.rows_per_shard)
   result = {"rows": rows, "output": str(out), "format": args.format, "config": dataclasses.asdict(cfg),
             "categories": stats}
+  if args.dedup_pairs:
+    result["duplicate_pairs"] = images["duplicate_pairs"] if images else dedupe.duplicates
+  if images is not None:
+    result["images"] = images
   stats_path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
   _report(stats, cfg)
+  if args.dedup_pairs:
+    print(f"Dropped {result['duplicate_pairs']} repeated (review, meta) pairs (--dedup-pairs)")
+  if images is not None:
+    _report_images(images, args.drop_missing_images)
   bad = {c: {k: v for k, v in s.items() if k.endswith("malformed") and v} for c, s in stats.items()}
   bad = {c: v for c, v in bad.items() if v}
   if bad:
     print(f"Skipped malformed lines: {bad}")
   print(f"Wrote {rows} pairs to {out} ({args.format}); counts in {stats_path}")
+  if images is not None:
+    print(f"Train: python -m mmret_jax.main --config=configs/blair_clip.py --workdir=runs/blair_clip "
+          f"--config.data.train_file={out} --config.data.image_root={args.images}")
   return result
 
 

@@ -9,6 +9,11 @@ sub-block (BLIP text encoder, BagFormer) is the `add_cross_attention` flag; it r
 encoder states are given (BLIP's "multimodal" mode; without them, its "text" mode).
 `type_vocab_size=0` leaves out the token-type table (BLIP).
 
+ALBEF's split encoder (`xbert`, used by BagFormer): with `fusion_layer` = F set, only layers >= F own
+a cross-attention block, and `mode` picks the layers that run: "multi_modal" all of them, "text"
+[0, F) on the embeddings of the ids, "fusion" [F, N) on given states `encoder_embeds` [B, L, D]
+(cross-attending `encoder_hidden_states`), "embeddings" none (the embedding output alone).
+
 Param paths mirror HF state-dict keys with `.` -> `/` and `encoder/layer/{i}`
 -> `encoder/layer_{i}` (see `mmret_jax/convert/bert.py`).
 """
@@ -49,6 +54,9 @@ class BertConfig:
   is_decoder: bool = False  # causal self-attention (BLIP text decoder / HF decoder mode)
   add_cross_attention: bool = False
   encoder_width: int | None = None  # width of cross-attended states (BLIP); None = hidden_size
+  # ALBEF / BagFormer (xbert): the first layer with cross-attention; "text" mode runs the layers before
+  # it, "fusion" mode the rest. None = every layer has cross-attention when add_cross_attention (BLIP).
+  fusion_layer: int | None = None
   # Not model properties (never exported): the attention kernel (layers.dot_product_attention) and
   # the residual + LayerNorm kernels (layers.ResidualPostLN).
   attention_impl: str = "auto"
@@ -67,12 +75,37 @@ class BertConfig:
     kw["model_type"] = mt
     return cls(**kw)
 
+  def __post_init__(self):
+    f = self.fusion_layer
+    if f is not None and not 0 <= f <= self.num_hidden_layers:
+      raise ValueError(f"fusion_layer {f} is outside [0, num_hidden_layers={self.num_hidden_layers}]")
+
   def to_dict(self) -> dict[str, Any]:
-    """HF config fields (the runtime-only `attention_impl`, `norm_impl` left out)."""
+    """HF config fields (the runtime-only `attention_impl`, `norm_impl` left out; `fusion_layer` only
+    when set, as ALBEF's config json)."""
     d = dataclasses.asdict(self)
     d.pop("attention_impl")
     d.pop("norm_impl")
+    if d["fusion_layer"] is None:
+      d.pop("fusion_layer")
     return d
+
+  def has_cross_attention(self, layer: int) -> bool:
+    """Whether layer `layer` owns a cross-attention block (xbert: `layer_num >= fusion_layer`)."""
+    return self.add_cross_attention and (self.fusion_layer is None or layer >= self.fusion_layer)
+
+  def layer_range(self, mode: str) -> tuple[int, int]:
+    """[start, stop) of the layers a `BertModel` mode runs."""
+    n = self.num_hidden_layers
+    if mode == "multi_modal":
+      return 0, n
+    if mode == "embeddings":
+      return 0, 0
+    if mode not in ("text", "fusion"):
+      raise ValueError(f"mode {mode!r} is not one of multi_modal, text, fusion, embeddings")
+    if self.fusion_layer is None:
+      raise ValueError(f"mode {mode!r} needs config.fusion_layer (ALBEF's split encoder); it is None")
+    return (0, self.fusion_layer) if mode == "text" else (self.fusion_layer, n)
 
   @property
   def is_roberta(self) -> bool:
@@ -124,9 +157,10 @@ class BertEmbeddings(nn.Module):
     self.LayerNorm = layers.LayerNorm(c.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
     self.dropout = layers.Dropout(c.hidden_dropout_prob)
 
-  def __call__(self, input_ids, token_type_ids, position_ids, deterministic=True):
-    """[B, L] ids -> [B, L, D]."""
-    h = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+  def __call__(self, input_ids, token_type_ids, position_ids, deterministic=True, inputs_embeds=None):
+    """[B, L] ids (or `inputs_embeds` [B, L, D] in place of the word embeddings) -> [B, L, D]."""
+    words = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+    h = words + self.position_embeddings(position_ids)
     if self.config.type_vocab_size > 0:
       h = h + self.token_type_embeddings(token_type_ids)
     return self.dropout(self.LayerNorm(h), deterministic=deterministic)
@@ -159,6 +193,7 @@ class BertLayer(nn.Module):
   config: BertConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  cross_attention: bool = True  # False: no cross-attention block here (xbert layers < fusion_layer)
 
   @nn.compact
   def __call__(self, x, mask, encoder_hidden_states=None, encoder_mask=None, deterministic=True,
@@ -173,7 +208,7 @@ class BertLayer(nn.Module):
       h = BertAttentionBlock(c, name="attention", **kw)(x[:, :1], x, mask[:, :, :1], deterministic)
     else:
       h = BertAttentionBlock(c, name="attention", **kw)(x, None, mask, deterministic)
-    if c.add_cross_attention and encoder_hidden_states is not None:
+    if c.add_cross_attention and self.cross_attention and encoder_hidden_states is not None:
       # Without encoder states the block is skipped: BLIP's text mode (HF BlipTextLayer).
       h = BertAttentionBlock(c, name="crossattention", **kw)(
           h, encoder_hidden_states, encoder_mask, deterministic)
@@ -242,14 +277,16 @@ class BertEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, h, mask, encoder_hidden_states=None, encoder_mask=None, deterministic=True,
-               cls_only_last_layer=False):
+               cls_only_last_layer=False, layer_range=None):
+    """`layer_range`: [start, stop) of the blocks to run (default all; see `BertConfig.layer_range`)."""
     # static_argnums counts `self` as 0: arguments 5 and 6 are `deterministic`, `query_first_only`.
     block = nn.remat(BertLayer, static_argnums=(5, 6)) if self.remat else BertLayer
     states = []
-    n = self.config.num_hidden_layers
-    for i in range(n):
-      h = block(self.config, self.dtype, self.param_dtype, name=f"layer_{i}")(
-          h, mask, encoder_hidden_states, encoder_mask, deterministic, cls_only_last_layer and i == n - 1)
+    c = self.config
+    start, stop = layer_range or (0, c.num_hidden_layers)
+    for i in range(start, stop):
+      h = block(c, self.dtype, self.param_dtype, cross_attention=c.has_cross_attention(i), name=f"layer_{i}")(
+          h, mask, encoder_hidden_states, encoder_mask, deterministic, cls_only_last_layer and i == stop - 1)
       states.append(h)
     return states
 
@@ -276,24 +313,48 @@ class BertModel(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, input_ids: Array, attention_mask: Array | None = None,
+  def __call__(self, input_ids: Array | None, attention_mask: Array | None = None,
                token_type_ids: Array | None = None, position_ids: Array | None = None,
                encoder_hidden_states: Array | None = None,
                encoder_attention_mask: Array | None = None, *,
                deterministic: bool = True, output_hidden_states: bool = False,
                return_mlm_logits: bool = False,
                mlm_positions: Array | None = None,
-               cls_only_last_layer: bool = False) -> dict[str, Array]:
+               cls_only_last_layer: bool = False,
+               mode: str = "multi_modal",
+               inputs_embeds: Array | None = None,
+               encoder_embeds: Array | None = None) -> dict[str, Array]:
+    """`mode` (ALBEF xbert, see the module docstring): "multi_modal" | "text" | "fusion" | "embeddings".
+    `inputs_embeds` [B, L, D] replaces the word embeddings of `input_ids` (positions, token types and the
+    embedding LayerNorm still apply, as HF / xbert); `encoder_embeds` [B, L, D] ("fusion" mode) replaces
+    the whole embedding output."""
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    layer_range = c.layer_range(mode)
+    given = [n for n, x in (("input_ids", input_ids), ("inputs_embeds", inputs_embeds),
+                            ("encoder_embeds", encoder_embeds)) if x is not None]
+    if (mode == "fusion") != (given == ["encoder_embeds"]) or len(given) != 1:
+      raise ValueError(f"mode {mode!r} takes {'encoder_embeds' if mode == 'fusion' else 'input_ids or inputs_embeds'}"
+                       f" alone; got {', '.join(given) or 'none'}")
+    if mode == "fusion" and c.add_cross_attention and encoder_hidden_states is None:
+      raise ValueError("mode 'fusion' cross-attends: pass encoder_hidden_states")
+    shape = (input_ids if input_ids is not None else (inputs_embeds if inputs_embeds is not None
+                                                      else encoder_embeds)[..., 0]).shape
     if attention_mask is None:
-      attention_mask = jnp.ones_like(input_ids)
-    if token_type_ids is None:
-      token_type_ids = jnp.zeros_like(input_ids)
-    if position_ids is None:
-      position_ids = position_ids_for(c, input_ids)
+      attention_mask = jnp.ones(shape, jnp.int32)
     embeddings = BertEmbeddings(c, name="embeddings", **kw)
-    h0 = embeddings(input_ids, token_type_ids, position_ids, deterministic)
+    if encoder_embeds is not None:
+      h0 = encoder_embeds.astype(self.dtype)
+    else:
+      if token_type_ids is None:
+        token_type_ids = jnp.zeros(shape, jnp.int32)
+      if position_ids is None:
+        if input_ids is not None:
+          position_ids = position_ids_for(c, input_ids)
+        else:  # HF: sequential positions (RoBERTa's start after pad_token_id)
+          start = c.pad_token_id + 1 if c.is_roberta else 0
+          position_ids = jnp.broadcast_to(start + jnp.arange(shape[1], dtype=jnp.int32), shape)
+      h0 = embeddings(input_ids, token_type_ids, position_ids, deterministic, inputs_embeds=inputs_embeds)
     enc_mask = None
     if encoder_hidden_states is not None:
       if encoder_attention_mask is None:
@@ -301,10 +362,11 @@ class BertModel(nn.Module):
       enc_mask = layers.attention_bias_from_mask(encoder_attention_mask)
     if cls_only_last_layer and return_mlm_logits:
       raise ValueError("cls_only_last_layer leaves no per-token states for the MLM head")
-    states = BertEncoder(c, remat=self.remat, name="encoder", **kw)(
-        h0, layers.attention_bias_from_mask(attention_mask, input_ids.shape[1] if c.is_decoder else None),
-        encoder_hidden_states, enc_mask,
-        deterministic, cls_only_last_layer)
+    states = []
+    if layer_range[1] > layer_range[0]:
+      states = BertEncoder(c, remat=self.remat, name="encoder", **kw)(
+          h0, layers.attention_bias_from_mask(attention_mask, shape[1] if c.is_decoder else None),
+          encoder_hidden_states, enc_mask, deterministic, cls_only_last_layer, layer_range)
     h = states[-1] if states else h0
     out = {"last_hidden_state": h}
     if output_hidden_states:

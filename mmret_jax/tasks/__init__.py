@@ -5,10 +5,14 @@ from __future__ import annotations
 import importlib
 
 TASKS = {
+    "bagformer": "mmret_jax.tasks.bagformer:BagFormerTask",
     "blair": "mmret_jax.tasks.blair:BlairTask",
     "blair_clip": "mmret_jax.tasks.blair_clip:BlairClipTask",
     "cir": "mmret_jax.tasks.cir:CirTask",
     "uniir": "mmret_jax.tasks.uniir:UniIRTask",
+    # The names: the same task, restricted to one backbone family of `uniir.variant`.
+    "uniir_clip": "mmret_jax.tasks.uniir:UniIRTask",
+    "uniir_blip": "mmret_jax.tasks.uniir:UniIRTask",
 }
 
 

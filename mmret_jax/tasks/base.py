@@ -12,6 +12,35 @@ from jax.sharding import Mesh
 from mmret_jax import storage
 
 
+def fill_from(params: Any, pretrained: Any, what: str = "init_from") -> Any:
+  """`params` (host, boxed or not) with every leaf taken from the same path of `pretrained` (a nested
+  dict), cast to the leaf's dtype; a missing path or another shape is a ValueError naming it."""
+  def take(path, leaf):
+    node = pretrained
+    for k in path:
+      key = getattr(k, "key", getattr(k, "name", k))
+      if not isinstance(node, dict) or key not in node:
+        raise ValueError(f"{what}: no weights for {'/'.join(str(getattr(p, 'key', p)) for p in path)}")
+      node = node[key]
+    if node.shape != leaf.shape:
+      raise ValueError(f"{what}: {'/'.join(str(getattr(p, 'key', p)) for p in path)} has shape {node.shape}, "
+                       f"expected {leaf.shape}")
+    return np.asarray(node, leaf.dtype)
+  return jax.tree_util.tree_map_with_path(take, params)
+
+
+def load_family_dir(path: pathlib.Path, family: str, what: str, how: str) -> tuple[pathlib.Path, dict, Any]:
+  """(the dir, its HF-style config dict, params) of a converted `family` dir or a training workdir
+  (its `model/`); another family is a ValueError ending with `how` (the conversion command)."""
+  from mmret_jax import convert  # pylint: disable=import-outside-toplevel
+  if (path / "model").is_dir() and not convert.is_converted_dir(path):
+    path = path / "model"
+  meta, hf_config, params, _ = convert.load_any(path)
+  if meta.get("family") != family:
+    raise ValueError(f"{what} is a {meta.get('family')} model, not a {family} one ({how})")
+  return path, hf_config, params
+
+
 class Task:
   """A task owns its model, loss, data and evaluation; `train/loop.py` owns everything else.
 

@@ -7,8 +7,9 @@ Facts from the third-party fork `aokhader/BLAIR-MultiModal`, `blair/multimodal/b
   L_clip = (CE(s t v^T) + CE(s v t^T)) / 2, s = min(exp(logit_scale), 100), logit_scale = log(1/0.07)
   L_tt = the same symmetric CE between review and meta with its own scale, init log(1/temp)
   L = L_clip + mm_text_text_weight * L_tt + mlm_weight * MLM
-Negatives span the global batch. Missing / corrupt images are skipped and counted (the fork fed
-black images instead).
+Negatives span the global batch. A missing / corrupt image (or an empty image path, an image
+`prepare_blair --images` could not download) skips its row, counted (`data.missing_images = "skip"`),
+or, as the fork does, is fed as a black image, counted (`"black"`).
 """
 
 from __future__ import annotations
@@ -55,6 +56,16 @@ class _Heads(nn.Module):
     return t, v, scale, tt_scale
 
 
+class _BlackImage(grain.transforms.Map):
+  """A row whose image failed (image_ok False) gets `black` (a black image after normalisation)."""
+
+  def __init__(self, black: np.ndarray):
+    self.black = black
+
+  def map(self, row):
+    return row if bool(row["image_ok"]) else {**row, "image": self.black}
+
+
 class BlairClipTask(BlairTask):
   """`config.task = "blair_clip"`."""
 
@@ -94,7 +105,14 @@ class BlairClipTask(BlairTask):
 
   def make_source(self):
     d = self.config.data
-    return MultimodalPairsSource(d.train_file, d.image_column, d.image_root)
+    return MultimodalPairsSource(d.train_file, d.image_column, d.image_root,
+                                 keep_missing_images=self._missing_mode() == "black")
+
+  def _missing_mode(self) -> str:
+    mode = str(self.config.data.get("missing_images", "skip"))
+    if mode not in ("skip", "black"):
+      raise ValueError(f"data.missing_images must be 'skip' or 'black', got {mode!r}")
+    return mode
 
   # ----------------------------------------------------------------------------- params
   def init_params(self, rng):
@@ -124,14 +142,19 @@ class BlairClipTask(BlairTask):
     ds = self.train_rows().map(image_lib.PreprocessImage(self.image_config))
     ds = ds.map(_TokenizeKeepImage(self.tokenizer, int(self.config.data.max_seq_length)))
     it = ds.to_iter_dataset(self.read_options())  # filter before batch needs an IterDataset (grain)
-    # Rows whose image failed to load are dropped; the count travels in the iterator's checkpoint.
-    it = pipeline.CountedFilter(it, lambda row: bool(row["image_ok"]), self._bad_images)
+    # Rows whose image failed to load are dropped ("skip") or get a black image ("black"); the count
+    # travels in the iterator's checkpoint.
+    black = self._missing_mode() == "black"
+    if black:
+      it = it.map(_BlackImage(image_lib.black_image(self.image_config)))
+    it = pipeline.CountedFilter(it, lambda row: bool(row["image_ok"]), self._bad_images, drop=not black)
     return iter(it.batch(per_process_batch, drop_remainder=True))
 
   @property
   def images_skipped(self) -> int:
-    """Training rows dropped so far on this process for a missing / unreadable image (kept across
-    resumes: the count is part of the data iterator's checkpointed state)."""
+    """Training rows dropped (or, with data.missing_images=black, given a black image) so far on this
+    process for a missing / unreadable image (kept across resumes: the count is part of the data
+    iterator's checkpointed state)."""
     return self._bad_images.count
 
   # ----------------------------------------------------------------------------- loss

@@ -37,7 +37,7 @@ from mmret_jax.data import text as text_lib
 from mmret_jax.data.pipeline import epoch_batches
 from mmret_jax.data.sources import mbeir
 from mmret_jax.models import bert, blip, clip, uniir, vit
-from mmret_jax.tasks.base import Task
+from mmret_jax.tasks.base import Task, fill_from, load_family_dir
 
 SETTINGS_FILE = "uniir.json"
 CLIP_CONTEXT = 77
@@ -103,13 +103,9 @@ def _image_path(root: pathlib.Path, rel: str | None) -> str | None:
 
 def load_uniir_dir(path: pathlib.Path, what: str):
   """(the dir, UniIRConfig, params) of a converted UniIR dir or a training workdir (its `model/`)."""
-  if (path / "model").is_dir() and not convert.is_converted_dir(path):
-    path = path / "model"
-  meta, hf_config, params, _ = convert.load_any(path)
-  if meta.get("family") != "uniir":
-    raise ValueError(f"{what} is a {meta.get('family')} model, not a UniIR one (convert UniIR checkpoints, or CLIP "
-                     "for a zero-shot CLIP-SF, with `python -m mmret_jax.convert to-jax SRC DST --family uniir "
-                     "--tokenizer DIR`)")
+  path, hf_config, params = load_family_dir(
+      path, "uniir", what, "convert UniIR checkpoints, or CLIP for a zero-shot CLIP-SF, with `python -m "
+      "mmret_jax.convert to-jax SRC DST --family uniir --tokenizer DIR`")
   return path, uniir.UniIRConfig.from_dict(hf_config), params
 
 
@@ -194,7 +190,8 @@ def scratch_config(c, vocab_size: int) -> uniir.UniIRConfig:
 
 
 class UniIRTask(Task):
-  """`config.task = "uniir"`, `config.uniir.variant` in clip_sf | clip_ff | blip_sf | blip_ff."""
+  """`config.task = "uniir"` (or "uniir_clip" / "uniir_blip", which also check the backbone),
+  `config.uniir.variant` in clip_sf | clip_ff | blip_sf | blip_ff."""
 
   def __init__(self, config, mesh, workdir):
     super().__init__(config, mesh, workdir)
@@ -203,6 +200,9 @@ class UniIRTask(Task):
     variant = str(c.uniir.variant)
     if variant not in uniir.MODELS:
       raise ValueError(f"uniir.variant must be one of {list(uniir.MODELS)}, got {variant!r}")
+    task_name = str(c.get("task", "uniir"))
+    if task_name in ("uniir_clip", "uniir_blip") and not variant.startswith(task_name.split("_")[1]):
+      raise ValueError(f"task {task_name!r} trains {task_name.split('_')[1]}_sf / _ff, but uniir.variant is {variant!r}")
     self.is_blip = variant.startswith("blip")
     if str(c.data.augment) not in ("none", "blip"):
       raise ValueError(f"data.augment must be 'none' or 'blip' (BLIP's training transform), got {c.data.augment!r}")
@@ -290,17 +290,7 @@ class UniIRTask(Task):
     return (r"^text_encoder/.*/crossattention/",) if str(self.config.uniir.variant) == "blip_sf" else ()
 
   def load_init(self, params):
-    if self._pretrained is None:
-      return params
-
-    def take(path, leaf):
-      node = self._pretrained
-      for k in path:
-        node = node[k.key]
-      if node.shape != leaf.shape:
-        raise ValueError(f"init_from: {'/'.join(p.key for p in path)} has shape {node.shape}, expected {leaf.shape}")
-      return np.asarray(node, leaf.dtype)
-    return jax.tree_util.tree_map_with_path(take, params)
+    return params if self._pretrained is None else fill_from(params, self._pretrained)
 
   def init_task_state(self, params):
     """BLIP: momentum copies of the encoder, the queues (random unit columns, ids -100), the pointer

@@ -500,11 +500,15 @@ class MultimodalPairsSource:
   """BLaIR-CLIP rows from a TSV (`.csv` with commas also read) with a header naming `review`, `meta`
   and the image column (the fork's `sample_multimodal_data.py` output): `source[i] -> {"review",
   "meta", "image_path" (joined with `image_root` when relative), "index"}`. Loaded into memory;
-  rows with a wrong column count, bad quoting or an empty field are skipped and counted in `.stats`.
-  Whether each image exists is checked when it is loaded (the image transform counts those skips).
+  rows with a wrong column count, bad quoting or an empty review / meta are skipped and counted in
+  `.stats`. An empty image field (an image that `prepare_blair --images` could not download) is
+  skipped as `no_image`, or with `keep_missing_images` kept with image_path "" and counted in
+  `stats["rows_without_image"]` (the fork feeds those rows a black image). Whether each image exists
+  is checked when it is loaded (the image transform counts those rows).
   """
 
-  def __init__(self, path: str | os.PathLike, image_column: str = "image_path", image_root: str = ""):
+  def __init__(self, path: str | os.PathLike, image_column: str = "image_path", image_root: str = "",
+               keep_missing_images: bool = False):
     self.path = pathlib.Path(path)
     if not self.path.exists():
       raise _missing(self.path, "BLaIR-CLIP pairs (TSV with review, meta and image columns)")
@@ -519,16 +523,21 @@ class MultimodalPairsSource:
       if not header or not all(c in header for c in need):
         raise ValueError(f"{self.path}: the header must name columns {need}, got {header}")
       cols = [header.index(c) for c in need]
+      no_image = 0
       for n, fields in enumerate(lines, start=2):
         if fields is None:
           note_skip(self.stats, "quoting", n)
         elif len(fields) != len(header):
           note_skip(self.stats, "columns", n)
-        elif not all(fields[c].strip() for c in cols):
+        elif not all(fields[c].strip() for c in cols[:2]):
           note_skip(self.stats, "empty", n)
+        elif not fields[cols[2]].strip() and not keep_missing_images:
+          note_skip(self.stats, "no_image", n)
         else:
-          self.rows.append(tuple(fields[c] for c in cols))
+          self.rows.append(tuple(fields[c].strip() if c == cols[2] else fields[c] for c in cols))
+          no_image += not self.rows[-1][2]
     self.stats["rows"] = len(self.rows)
+    self.stats["rows_without_image"] = no_image
     if not self.rows:
       raise ValueError(f"No usable rows in {self.path} (stats: {self.stats}).")
 
@@ -537,6 +546,6 @@ class MultimodalPairsSource:
 
   def __getitem__(self, i) -> dict[str, Any]:
     review, meta, image = self.rows[operator.index(i)]
-    if self.image_root and not os.path.isabs(image):
+    if image and self.image_root and not os.path.isabs(image):
       image = os.path.join(self.image_root, image)
     return {"review": review, "meta": meta, "image_path": image, "index": operator.index(i) % len(self.rows)}
