@@ -13,7 +13,10 @@ from mmret_jax import st_config, storage
 from mmret_jax.convert import bagformer as bagformer_family
 from mmret_jax.convert import bert as bert_family
 from mmret_jax.convert import blip as blip_family
+from mmret_jax.convert import blip2 as blip2_family
+from mmret_jax.convert import bloom as bloom_family
 from mmret_jax.convert import clip as clip_family
+from mmret_jax.convert import mblip as mblip_family
 from mmret_jax.convert import t5 as t5_family
 from mmret_jax.convert import uniir as uniir_family
 from mmret_jax.convert.core import (ConversionError, META_FILE, copy_tokenizer_files, is_converted_dir,
@@ -21,13 +24,17 @@ from mmret_jax.convert.core import (ConversionError, META_FILE, copy_tokenizer_f
 
 # family name -> key-map module; HF model_type -> family name.
 FAMILIES: dict[str, types.ModuleType] = {"bert": bert_family, "clip": clip_family, "blip": blip_family,
-                                         "t5": t5_family, "uniir": uniir_family, "bagformer": bagformer_family}
+                                         "t5": t5_family, "uniir": uniir_family, "bagformer": bagformer_family,
+                                         "bloom": bloom_family, "mblip": mblip_family, "blip2": blip2_family}
 MODEL_TYPE_TO_FAMILY = {**{mt: "bert" for mt in bert_family.MODEL_TYPES},
                         **{mt: "clip" for mt in clip_family.MODEL_TYPES},
                         **{mt: "blip" for mt in blip_family.MODEL_TYPES},
                         **{mt: "t5" for mt in t5_family.MODEL_TYPES},
                         **{mt: "uniir" for mt in uniir_family.MODEL_TYPES},
-                        **{mt: "bagformer" for mt in bagformer_family.MODEL_TYPES}}
+                        **{mt: "bagformer" for mt in bagformer_family.MODEL_TYPES},
+                        **{mt: "bloom" for mt in bloom_family.MODEL_TYPES},
+                        # a BLIP-2 dir with its LLM (mT5 / BLOOM): mBLIP; `--family blip2` = the image side only
+                        **{mt: "mblip" for mt in mblip_family.MODEL_TYPES}}
 # Source formats that are not HF layouts: translated to HF keys + config first. `blip` = the original
 # salesforce/BLIP .pth (an HF BLIP dir given with --family blip takes the HF path); `uniir` = a UniIR
 # checkpoint (clip_sf / clip_ff / blip_sf / blip_ff, detected), or any CLIP for a zero-shot CLIP-SF;

@@ -24,7 +24,9 @@ def main(argv=None) -> int:
                                   "salesforce/BLIP .pth (model_base.pth, ...); neither needs --config; "
                                   "`uniir` a UniIR checkpoint (clip_sf_large.pth, ..., variant detected) "
                                   "or, from a CLIP dir / state dict, a zero-shot CLIP-SF; `bagformer` a "
-                                  "howard-hou/BagFormer or ALBEF-layout checkpoint")
+                                  "howard-hou/BagFormer or ALBEF-layout checkpoint; a BLIP-2 dir (mBLIP: "
+                                  "Blip2ForConditionalGeneration with an mT5 / BLOOM LLM) is `mblip` by its "
+                                  "model_type, `blip2` converts its image side alone")
   a.add_argument("--image-size", type=int, default=None,
                  help="original BLIP .pth / BagFormer checkpoint only: input size the position table is "
                       "resized to (default: BLIP 384, BagFormer the checkpoint's own)")

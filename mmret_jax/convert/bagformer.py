@@ -176,7 +176,7 @@ def rules(config: bagformer.BagFormerConfig) -> list[Rule]:
           if not (r.path[2:3] == ("crossattention",) and not c.has_cross_attention(int(r.path[1][len("layer_"):])))]
   heads = linear_rules(("vision_proj",), "vision_proj") + linear_rules(("text_proj",), "text_proj")
   heads += linear_rules(("itm_head",), "itm_head") + [Rule(("temp",), "temp")]
-  return blip_family._vision_rules(config.vision) + text + heads  # pylint: disable=protected-access
+  return blip_family.vision_rules(config.vision) + text + heads
 
 
 def to_params(sd: dict[str, np.ndarray], hf_config: dict) -> tuple[dict, dict]:

@@ -39,7 +39,8 @@ PTH_IGNORED = ("visual_encoder_m.*", "vision_proj_m.*", "text_encoder_m.*", "tex
                "text_queue", "idx_queue", "ptr_queue", "temp", "text_decoder.*", "*position_ids")
 
 
-def _vision_rules(c: vit.ViTConfig) -> list[Rule]:
+def vision_rules(c: vit.ViTConfig) -> list[Rule]:
+  """Rules of a ViT in BLIP layout under `vision_model` (HF BlipVisionModel names; BLIP-2, UniIR, BagFormer reuse them)."""
   v, t = ("vision_model",), "vision_model"
   r = [Rule(v + ("embeddings", "class_embedding"), f"{t}.embeddings.class_embedding", "lead2"),
        Rule(v + ("embeddings", "position_embedding", "embedding"), f"{t}.embeddings.position_embedding", "lead1"),
@@ -63,7 +64,7 @@ def rules(config: blip.BlipConfig, itm_head: bool = True) -> list[Rule]:
   heads = linear_rules(("vision_proj",), "vision_proj") + linear_rules(("text_proj",), "text_proj")
   if itm_head:
     heads += linear_rules(("itm_head",), "itm_head")
-  return _vision_rules(config.vision) + text + heads
+  return vision_rules(config.vision) + text + heads
 
 
 _QKV_KEY = re.compile(r"^(.*\.self_attn\.qkv\.(weight|bias))$")

@@ -140,7 +140,7 @@ def rules(config: uniir.UniIRConfig) -> list[Rule]:
       r += t5_family.stack_rules(config.t5, "t5_layers.", ("t5_layers",))
     return r
   c = config.blip
-  r = blip_family._vision_rules(c.vision)  # pylint: disable=protected-access
+  r = blip_family.vision_rules(c.vision)
   r += [Rule(("text_encoder",) + x.path, x.key, x.kind)
         for x in bert_family.rules(c.text, prefix="text_encoder.", pooler=config.fusion == "ff")]
   if config.fusion == "sf":

@@ -11,9 +11,31 @@ Shape letters used in docstrings across `mmret_jax.models`:
 
 Logical axis names: `batch`, `length`, `embed`, `mlp`, `heads`, `kv`, `vocab`;
 `train/partitioning.py` maps them onto the mesh axes `data`, `fsdp`, `tensor`.
+
+Decoding caches (autoregressive generation with static shapes), in the flax collection `cache` (`CACHE`),
+as flax `examples/lm1b` `decode=True`: the attention module that owns a cache keeps it in its own scope, so
+a model's cache is a pytree mirroring its module tree, threaded by `apply(..., mutable=[CACHE])`.
+  - self-attention (`self_attention_cache`): `cached_key` / `cached_value` [B, S, N, H] preallocated to the
+    maximum length S, and `cache_index` int32 [] (positions written). A call with L new positions writes
+    them at [index, index + L) and attends over all S keys, key j allowed for query i iff j <= index + i
+    (causal; the unwritten tail masked). The query offset (`cache_position`) is the index before the write:
+    T5 reads it for its relative position bias; an additive bias over the keys (BLOOM's ALiBi, [B, N, 1,
+    S] from a padding mask over all S positions) and a key-padding mask [B, 1, 1, S] are passed as usual.
+  - cross-attention (`cross_attention_cache`): `cached_key` / `cached_value` [B, S_enc, N, H] (no index),
+    written when the call is given the encoder states and read back when it is not (`Attention(...,
+    cross_attention=True)`), so the encoder keys and values are projected once per generation.
+A self-attention cache is created by a first call with `decode=True` inside `init` (shapes of that call's
+inputs: zeros, index 0; models build it under `jax.eval_shape`, so nothing is computed); that creating call
+returns the causal attention of its input from position 0 and leaves the cache empty. A cross-attention
+cache is created by its first store (in `init`, or in a step applied with the cache collection mutable). `Attention(...,
+decode=True)` does all of this; a module with its own projections (BLOOM's fused `query_key_value`) calls
+`self_attention_cache` with its split k, v and hands the returned mask to `dot_product_attention`.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import functools
 from typing import Any, Callable, Sequence
@@ -435,11 +457,26 @@ def packed_projection(denses: Sequence["Dense"], x: Array) -> tuple[Array, Array
   return y, (jnp.stack([b for _, b in ws]) if ws[0][1] is not None else None)
 
 
+_UNFUSED = contextvars.ContextVar("mmret_jax_unfused_projections", default=False)
+
+
+@contextlib.contextmanager
+def unfused_projections():
+  """While tracing inside this context, `fused_projections` calls each Dense on its own (the same values):
+  for transforms that wrap each Dense call, e.g. LoRA's adapter dropout (models/lora.py)."""
+  token = _UNFUSED.set(True)
+  try:
+    yield
+  finally:
+    _UNFUSED.reset(token)
+
+
 def fused_projections(denses: Sequence["Dense"], x: Array) -> list[Array]:
   """[dense(x) for dense in denses] as one matmul (`packed_projection`): one read of x and one
-  larger GEMM instead of P (and one input gradient instead of P summed)."""
-  if len(denses) == 1:
-    return [denses[0](x)]
+  larger GEMM instead of P (and one input gradient instead of P summed); inside `unfused_projections`,
+  P separate calls."""
+  if len(denses) == 1 or _UNFUSED.get():
+    return [d(x) for d in denses]
   y, bias = packed_projection(denses, x)
   if bias is not None:
     y = y + bias
@@ -454,7 +491,8 @@ class Attention(nn.Module):
   (CLIP's `out_proj`); BERT keeps it in a sibling `output` module instead.
   `hidden_size` is the width of q, k, v (N * H; T5's `inner_dim` may differ from D); the output
   projection maps back to x's width. `scale`: see `dot_product_attention`. `init_stds`: per-projection
-  init stds (q, k, v, out), e.g. T5's; None = `init_std` for each.
+  init stds (q, k, v, out), e.g. T5's; None = `init_std` for each. `cross_attention`: with `decode` and
+  no `kv`, attend over the encoder keys cached by an earlier call (else a self-attention step).
   """
   num_heads: int
   hidden_size: int
@@ -468,18 +506,28 @@ class Attention(nn.Module):
   implementation: str = "xla"  # see dot_product_attention
   scale: float | None = None
   init_stds: tuple[float, float, float, float] | None = None
+  cross_attention: bool = False
 
   @nn.compact
   def __call__(self, x: Array, kv: Array | None = None, mask: Array | None = None,
-               deterministic: bool = True, *, bias: Array | None = None) -> Array:
+               deterministic: bool = True, *, bias: Array | None = None, decode: bool = False) -> Array:
     """x: [B, L, D]; kv: [B, S, Dkv] (defaults to x); mask: bool [B|1, 1, L|1, S]; bias: float
-    [B|1, N, L, S] added to the logits -> [B, L, D]."""
+    [B|1, N, L, S] added to the logits -> [B, L, D].
+
+    `decode`: attend through this module's cache (module docstring): self-attention over the cached keys
+    (S = the cache length; mask and bias then span those S keys, the causal part is added here);
+    cross-attention (`kv` given, or None with `cross_attention` to reuse the keys cached by an earlier call)."""
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
     dense = lambda name: Dense(self.hidden_size, ("embed", "heads"), use_bias=self.use_bias, dtype=self.dtype,
                                param_dtype=self.param_dtype, init_std=self._std(self.names.index(name)),
                                name=name)
     rng = self.make_rng("dropout") if self.dropout_rate > 0 and not deterministic else None
+    if decode:
+      q, k, v, mask = self._cached_qkv(dense, x, kv, mask)
+      out = dot_product_attention(q, k, v, mask, dropout_rate=self.dropout_rate, dropout_rng=rng,
+                                  implementation=self.implementation, bias=bias, scale=self.scale)
+      return self._output(out, x)
     if kv is None and bias is None and self._packed_kernel_takes(x, mask):
       return self._output(self._packed_self_attention([dense(n) for n in self.names], x, mask, rng), x)
     if kv is None:  # self-attention: q, k, v in one matmul
@@ -491,6 +539,21 @@ class Attention(nn.Module):
     out = dot_product_attention(q, k, v, mask, dropout_rate=self.dropout_rate, dropout_rng=rng,
                                 implementation=self.implementation, bias=bias, scale=self.scale)
     return self._output(out, x)
+
+  def _cached_qkv(self, dense, x: Array, kv: Array | None, mask: Array | None):
+    """q [B, L, N, H] and the keys / values [B, S, N, H] through the cache, with the mask for them."""
+    heads = self.num_heads
+    if kv is not None or self.cross_attention:
+      q, = fused_projections([dense(self.names[0])], x)
+      if kv is None:
+        k, v = cross_attention_cache(self)
+      else:
+        k, v = (split_heads(t, heads) for t in fused_projections([dense(n) for n in self.names[1:]], kv))
+        cross_attention_cache(self, k, v)
+      return split_heads(q, heads), k, v, mask
+    q, k, v = (split_heads(t, heads) for t in fused_projections([dense(n) for n in self.names], x))
+    k, v, causal = self_attention_cache(self, k, v)
+    return q, k, v, causal if mask is None else jnp.logical_and(mask, causal)
 
   def _std(self, i: int) -> float:
     """Init std of projection i (q, k, v, out)."""
@@ -524,6 +587,77 @@ class Attention(nn.Module):
       out = Dense(x.shape[-1], ("heads", "embed"), use_bias=self.use_bias, dtype=self.dtype,
                   param_dtype=self.param_dtype, init_std=self._std(3), name=self.out_name)(out)
     return out
+
+
+CACHE = "cache"  # the flax collection of decoding caches (module docstring)
+
+
+def _require_cache(module: nn.Module) -> None:
+  if not module.is_mutable_collection(CACHE):
+    raise ValueError(f"{module.name or type(module).__name__}: decode=True without a cache. Build one with the "
+                     f"model's init_cache and apply with {{'params': ..., '{CACHE}': cache}}, mutable=['{CACHE}']")
+
+
+def cache_position(module: nn.Module) -> tuple[Array, int] | None:
+  """(index, length) of `module`'s self-attention cache: int32 [] positions written so far (the query offset
+  of the next call) and the static cache length S; None when it has none (yet)."""
+  if not module.has_variable(CACHE, "cache_index"):
+    return None
+  return module.get_variable(CACHE, "cache_index"), module.get_variable(CACHE, "cached_key").shape[1]
+
+
+def cache_mask(index: Array | int, query_length: int, cache_length: int) -> Array:
+  """bool [1, 1, L, S]: query i (at position index + i) may attend to key j iff j <= index + i."""
+  q = jnp.arange(query_length, dtype=jnp.int32)[:, None] + index
+  return (jnp.arange(cache_length, dtype=jnp.int32)[None, :] <= q)[None, None]
+
+
+def self_attention_cache(module: nn.Module, k: Array, v: Array) -> tuple[Array, Array, Array]:
+  """Writes k, v [B, L, N, H] into `module`'s cache at its index; returns (keys [B, S, N, H], values,
+  bool mask [1, 1, L, S] from `cache_mask`) and advances the index by L.
+
+  Without a cache (the creating call, inside `init`): creates an empty one sized by k (zeros, index 0)
+  and returns (k, v, causal mask [1, 1, L, L]), the attention of a prefill from position 0. Writing past
+  the cache length is the caller's error (`lax.dynamic_update_slice` would clamp the start)."""
+  fresh = not module.has_variable(CACHE, "cached_key")
+  if fresh:
+    _require_cache(module)
+  ck = module.variable(CACHE, "cached_key", jnp.zeros, k.shape, k.dtype)
+  cv = module.variable(CACHE, "cached_value", jnp.zeros, v.shape, v.dtype)
+  ci = module.variable(CACHE, "cache_index", lambda: jnp.zeros((), jnp.int32))
+  length = k.shape[1]
+  if fresh:
+    return k, v, cache_mask(0, length, length)
+  if ck.value.shape[0] != k.shape[0] or length > ck.value.shape[1]:
+    raise ValueError(f"{length} new positions of batch {k.shape[0]} do not fit a cache of shape {ck.value.shape}")
+  index = ci.value
+  ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), (0, index, 0, 0))
+  cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), (0, index, 0, 0))
+  ci.value = index + length
+  return ck.value, cv.value, cache_mask(index, length, ck.value.shape[1])
+
+
+def is_cross_attention_cache(module: nn.Module) -> bool:
+  """Whether `module` holds a cross-attention cache (keys without an index)."""
+  return module.has_variable(CACHE, "cached_key") and not module.has_variable(CACHE, "cache_index")
+
+
+def cross_attention_cache(module: nn.Module, k: Array | None = None, v: Array | None = None) -> tuple[Array, Array]:
+  """The encoder keys / values [B, S_enc, N, H] of `module`'s cross-attention cache: stores k, v when given,
+  else returns the stored ones."""
+  if k is None:
+    if not is_cross_attention_cache(module):
+      raise ValueError(f"{module.name or type(module).__name__}: no cached encoder keys; pass the encoder states "
+                       "on the first decoding step")
+    return module.get_variable(CACHE, "cached_key"), module.get_variable(CACHE, "cached_value")
+  if not module.has_variable(CACHE, "cached_key"):
+    _require_cache(module)
+  elif module.get_variable(CACHE, "cached_key").shape != k.shape:
+    raise ValueError(f"encoder keys of shape {k.shape} do not fit the cross-attention cache "
+                     f"{module.get_variable(CACHE, 'cached_key').shape}")
+  module.variable(CACHE, "cached_key", lambda: k).value = k
+  module.variable(CACHE, "cached_value", lambda: v).value = v
+  return k, v
 
 
 NORM_IMPLS = ("xla", "fused", "fused_interpret")
