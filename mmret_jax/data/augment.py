@@ -163,3 +163,13 @@ def bagformer_train(img: PIL.Image.Image, rng: np.random.Generator, size: int) -
 def keyed(fn: Callable[..., PIL.Image.Image], keys, **kw) -> Callable[[int, PIL.Image.Image], PIL.Image.Image]:
   """`augment(i, img)` for `image.preprocess_batch`: item i drawn from `default_rng(keys[i])`."""
   return lambda i, img: fn(img, np.random.default_rng(keys[i]), **kw)
+
+
+def mblip_train(img: PIL.Image.Image, rng: np.random.Generator, size: int, min_scale: float = 0.5
+                ) -> PIL.Image.Image:
+  """mBLIP's training transform (`LoadTransformImage(train=True)`): RandomResizedCrop(size, (min_scale, 1),
+  bicubic) -> horizontal flip (p 0.5), no RandomAugment; normalised afterwards (CLIP mean / std)."""
+  img = img.convert("RGB") if img.mode != "RGB" else img
+  left, top, w, h = random_resized_crop_box(img.width, img.height, rng, (min_scale, 1.0))
+  img = img.resize((size, size), PIL.Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+  return PIL.ImageOps.mirror(img) if rng.random() < 0.5 else img
