@@ -79,9 +79,11 @@ def mblip_config(llm: str, arg, *, instruct_eval_every: int):
       label_map=(), template="{}", max_len=128, image_size=224, augment="mblip",
       pad_multiple=8, buckets=(),  # the seed pads to multiples of 8; buckets = fewer compiled shapes
       eval_batch_size=32, num_threads=8, prefetch=2))
-  # Generation settings of the evaluation slice (configs/evaluation/*.yaml), kept as data for it.
-  c.generation = ml_collections.ConfigDict(dict(num_beams=5, min_new_tokens=1, max_new_tokens=10, length_penalty=-1.0,
-                                                caption_max_new_tokens=50, caption_length_penalty=1.0))
+  # Generation settings of the seed's evaluation (configs/evaluation/*.yaml). eval_task (vqa | classify | vqav2 |
+  # maxm | caption; "" = off) adds generation metrics on the val rows to each evaluation (eval/generation.py).
+  c.generation = ml_collections.ConfigDict(dict(eval_task="", num_beams=5, min_new_tokens=1, max_new_tokens=10,
+                                                length_penalty=-1.0, caption_max_new_tokens=50,
+                                                caption_length_penalty=1.0))
   c.batch_size = 128  # mT0: 8 x 4 GPUs x 4 accumulation; BLOOMZ instruct: 4 x 4 x 8
   c.checkpoint_every = 2000
   c.log_every = 10

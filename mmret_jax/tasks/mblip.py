@@ -16,8 +16,8 @@ Loss: mean target cross-entropy (data/sources/mblip_json.py builds the seed's id
 -100-padded, decoder input shift_right(labels); BLOOM: ids = ctx + tgt + eos, left padded, logits of the
 visual prefix dropped. Images: the train transform (random resized crop, flip) drawn per (seed, epoch,
 row). Evaluation (`evaluate`): the held-out loss over the `data.val_size` first rows (the seed's
-`train[:500]`); generation metrics (beam search, `vqa_clean` accuracy, CIDEr) are the next slice's
-`generation_metrics` hook.
+`train[:500]`); with `generation.eval_task` set, also beam-search answers scored by the seed's metric of that
+task (`generation_metrics`, eval/generation.py).
 
 Export (`{workdir}/model`): a converted mBLIP dir (family "mblip", LoRA merged as the seed's release; `python
 -m mmret_jax.convert to-hf` makes an HF `Blip2ForConditionalGeneration` dir of it), the tokenizer, the LoRA
@@ -334,9 +334,30 @@ class MBlipTask(Task):
     return {"val_loss": total / max(count, 1), "val_tokens": float(count)}
 
   def generation_metrics(self, params) -> dict[str, float]:
-    """Hook for the next slice: beam-search generation + the seed's metrics (`vqa_clean` accuracy, CIDEr)."""
-    del params
-    return {}
+    """With `generation.eval_task` set (vqa / classify / vqav2 / maxm / caption; "" or absent = off): beam-search
+    answers for the validation rows (`generation` settings, caption_* for captions) scored by the seed's metric
+    of that task against each row's `text_label` (else its label), as {"gen_<metric>": value}
+    (eval/generation.py)."""
+    g = self.config.get("generation") or {}
+    task = str(g.get("eval_task", "") or "")
+    if not task or not self.val_rows:
+      return {}
+    from mmret_jax.eval import generation as gen_eval  # pylint: disable=import-outside-toplevel
+    if task not in gen_eval.TASKS:
+      raise ValueError(f"generation.eval_task must be one of {gen_eval.TASKS} or empty, got {task!r}")
+    model = params["model"]
+    if "lora" in params:
+      model = lora_lib.merge(model, flatten(params["lora"]), self.lora_cfg)
+    caption = task == "caption"
+    d = self.config.data
+    preds = gen_eval.predict(
+        self.model, model, self.tokenizer, self.val_rows, self.images, template=str(d.template),
+        max_len=int(d.max_len), decoder_only=self.decoder_only, batch_size=int(d.eval_batch_size),
+        num_beams=int(g.get("num_beams", 5)), min_new_tokens=int(g.get("min_new_tokens", 1)),
+        max_new_tokens=int(g.get("caption_max_new_tokens", 50) if caption else g.get("max_new_tokens", 10)),
+        length_penalty=float(g.get("caption_length_penalty", 1.0) if caption else g.get("length_penalty", -1.0)))
+    golds = [r.text_label if r.text_label else r.label for r in self.val_rows]
+    return {f"gen_{k}": float(v) for k, v in gen_eval.task_metric(task, preds, golds).items()}
 
   def evaluate(self, params) -> dict[str, float]:
     return {**self.held_out_loss(params), **self.generation_metrics(params)}
