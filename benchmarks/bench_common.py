@@ -98,3 +98,23 @@ def print_machine(info: dict) -> None:
   print("== machine")
   for k, v in info.items():
     print(f"  {k}: {v}")
+
+
+def run_rounds(run_worker, args, src) -> dict[str, dict]:
+  """`args.rounds` rounds of worker subprocesses (JAX per `args.xla_cpu`: default | tuned | both, then PyTorch
+  unless `args.skip_torch`), `run_worker(side, args, src, tuned) -> {name: result}`; per name the results of
+  the first round with every round's `wall` / `cpu` step times appended and, for JAX, `compile_all`."""
+  res: dict[str, dict] = {}
+  for r in range(args.rounds):
+    print(f"== round {r + 1}/{args.rounds}", flush=True)
+    workers = {"default": [("jax", False)], "tuned": [("jax", True)],
+               "both": [("jax", False), ("jax", True)]}[args.xla_cpu]
+    for side, tuned in workers + ([] if args.skip_torch else [("torch", False)]):
+      for name, v in run_worker(side, args, src, tuned).items():
+        if name not in res:
+          res[name] = {**v, "wall": [], "cpu": []}
+        res[name]["wall"] += v["wall"]
+        res[name]["cpu"] += v["cpu"]
+        if name.startswith("jax"):
+          res[name].setdefault("compile_all", []).append(v["compile_s"])
+  return res

@@ -78,7 +78,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # pylint: disable=wrong-import-position
 
-from bench_common import machine_info, print_machine, rss_gb  # pylint: disable=wrong-import-position
+from bench_common import machine_info, print_machine, rss_gb, run_rounds  # pylint: disable=wrong-import-position
 from mmret_jax import xla_cpu  # pylint: disable=wrong-import-position
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -515,19 +515,7 @@ def main(argv=None) -> int:
         f"cross-attention params that get no gradient in text mode, as the seed); batch {2 * args.batch_size} "
         f"sequences, {n_tok} real tokens of {2 * args.batch_size * args.seq_len}", flush=True)
 
-  res: dict[str, dict] = {}
-  for r in range(args.rounds):
-    print(f"== round {r + 1}/{args.rounds}", flush=True)
-    workers = {"default": [("jax", False)], "tuned": [("jax", True)],
-               "both": [("jax", False), ("jax", True)]}[args.xla_cpu]
-    for side, tuned in workers + ([] if args.skip_torch else [("torch", False)]):
-      for name, v in run_worker(side, args, weights, tuned).items():
-        if name not in res:
-          res[name] = {**v, "wall": [], "cpu": []}
-        res[name]["wall"] += v["wall"]
-        res[name]["cpu"] += v["cpu"]
-        if name.startswith("jax"):
-          res[name].setdefault("compile_all", []).append(v["compile_s"])
+  res = run_rounds(run_worker, args, weights)
 
   print("== results (median seconds per step -> samples/s = triplets/s)")
   sps, cpu = {}, {}

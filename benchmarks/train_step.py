@@ -51,7 +51,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 # `--xla-cpu tuned`: the XLA:CPU flags that `python -m mmret_jax.main` applies by default
 # (mmret_jax/xla_cpu.py); `default` = XLA's own defaults.
-from bench_common import ROBERTA_SIZES, machine_info, print_machine, rss_gb  # pylint: disable=wrong-import-position
+from bench_common import ROBERTA_SIZES, machine_info, print_machine, rss_gb, run_rounds  # pylint: disable=wrong-import-position
 from mmret_jax.xla_cpu import TUNED_XLA_CPU_FLAGS  # pylint: disable=wrong-import-position
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -404,19 +404,7 @@ def main(argv=None) -> int:
   print(f"  RobertaForMaskedLM {n_params / 1e6:.1f} M params (decoder tied) saved to a temp dir; batch "
         f"{2 * args.batch_size} sequences, {n_tok} real tokens of {2 * args.batch_size * args.seq_len}", flush=True)
 
-  res: dict[str, dict] = {}
-  for r in range(args.rounds):
-    print(f"== round {r + 1}/{args.rounds}", flush=True)
-    workers = {"default": [("jax", False)], "tuned": [("jax", True)],
-               "both": [("jax", False), ("jax", True)]}[args.xla_cpu]
-    for side, tuned in workers + ([] if args.skip_torch else [("torch", False)]):
-      for name, v in run_worker(side, args, hf_dir, tuned).items():
-        if name not in res:
-          res[name] = {**v, "wall": [], "cpu": []}
-        res[name]["wall"] += v["wall"]
-        res[name]["cpu"] += v["cpu"]
-        if name.startswith("jax"):
-          res[name].setdefault("compile_all", []).append(v["compile_s"])
+  res = run_rounds(run_worker, args, hf_dir)
 
   print("== results (median seconds per step -> samples/s = pairs/s)")
   sps, cpu = {}, {}
