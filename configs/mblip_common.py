@@ -63,8 +63,10 @@ def mblip_config(llm: str, arg, *, instruct_eval_every: int):
   # query_key_value, dense, dense_h_to_4h, dense_4h_to_h (models/lora.py TARGETS). r 8, alpha 16, dropout 0.05.
   c.lora = ml_collections.ConfigDict(dict(targets="none" if stage == "warmup" else "lora_all", r=8, alpha=16.0,
                                           dropout=0.05))
-  # The seed trains the LLM 8-bit (mT0) / 4-bit NF4 (BLOOMZ instruct) quantised and frozen under bf16 autocast;
-  # here the frozen LLM runs in `dtype` (no quantisation).
+  # The seed trains the LLM 8-bit (mT0) / 4-bit NF4 (BLOOMZ instruct) quantised and frozen under bf16 autocast.
+  # mblip.quant_bits = 8 (or 4) runs the frozen LLM's block matrices weight-only int8 / int4 (qwix, models/quant.py:
+  # `pip install -e '.[quant]'`); 0 = the frozen LLM in `dtype`. Export dequantizes (LoRA merged on top).
+  c.mblip.quant_bits = 0
   c.model = ml_collections.ConfigDict(dict(
       dtype="bfloat16", remat=True,  # the seed: LLM gradient checkpointing
       # from-scratch sizes (only without init_from)

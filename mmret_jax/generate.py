@@ -114,7 +114,7 @@ def _prefill(model: LanguageModel, params: dict, inputs_embeds: Array | None, in
   b = attention_mask.shape[0]
   if isinstance(model, t5.T5ForConditionalGeneration):
     enc = model.apply({"params": params}, input_ids, attention_mask, inputs_embeds,
-                      method=t5.T5ForConditionalGeneration.encode)
+                      method="encode")  # by name: a qwix-quantized subclass intercepts it
     cache = t5.init_cache(model, b, max_new_tokens)
     start = jnp.full((b, 1), model.config.decoder_start_token_id, jnp.int32)
     logits, cache = t5.decode_step(model, params, cache, start, attention_mask, enc)
@@ -271,8 +271,15 @@ def _beam_search(logits: Array, cache: Any, context: Array, step: Step, spec: Se
 # ----------------------------------------------------------------------------- entry points
 
 def _search(model: LanguageModel, params: dict, inputs_embeds: Array | None, input_ids: Array | None,
-            attention_mask: Array, knobs: Knobs, spec: SearchSpec):
-  """Prefill, then greedy (num_beams 1) or beam search; traceable."""
+            attention_mask: Array, knobs: Knobs, spec: SearchSpec, quant: Any = None):
+  """Prefill, then greedy (num_beams 1) or beam search; traceable. `quant`: a `quant.QuantConfig` when `params`
+  hold the weight-only quantized LLM of `quant.quantize_params` (the model runs qwix-wrapped)."""
+  if quant is not None:
+    from mmret_jax.models import quant as quant_lib  # pylint: disable=import-outside-toplevel  (qwix: optional)
+    from mmret_jax.models import layers  # pylint: disable=import-outside-toplevel
+    with layers.unfused_projections():
+      return _search(quant_lib.quantized_model(model, quant), params, inputs_embeds, input_ids, attention_mask,
+                     knobs, spec)
   logits, cache, context, step = _prefill(model, params, inputs_embeds, input_ids, attention_mask,
                                           spec.max_new_tokens)
   if spec.num_beams == 1:
@@ -283,9 +290,9 @@ def _search(model: LanguageModel, params: dict, inputs_embeds: Array | None, inp
   return (seqs[:, 0], scores[:, 0]) if n == 1 else (seqs[:, :n], scores[:, :n])
 
 
-@functools.partial(jax.jit, static_argnames=("model", "spec"))
-def _search_jit(model, params, inputs_embeds, input_ids, attention_mask, knobs, spec):
-  return _search(model, params, inputs_embeds, input_ids, attention_mask, knobs, spec)
+@functools.partial(jax.jit, static_argnames=("model", "spec", "quant"))
+def _search_jit(model, params, inputs_embeds, input_ids, attention_mask, knobs, spec, quant=None):
+  return _search(model, params, inputs_embeds, input_ids, attention_mask, knobs, spec, quant)
 
 
 def _prompt(model: LanguageModel, inputs_embeds: Array | None, input_ids: Array | None,
@@ -309,7 +316,8 @@ def _prompt(model: LanguageModel, inputs_embeds: Array | None, input_ids: Array 
 
 def greedy_search(model: LanguageModel, params: dict, inputs_embeds: Array | None = None,
                   attention_mask: Array | None = None, *, input_ids: Array | None = None, max_new_tokens: int,
-                  min_new_tokens: int = 0, eos_token_id: int | None = None, pad_token_id: int | None = None) -> Array:
+                  min_new_tokens: int = 0, eos_token_id: int | None = None, pad_token_id: int | None = None,
+                  quant: Any = None) -> Array:
   """HF `generate(do_sample=False, num_beams=1)` -> int32 [B, max_new_tokens], pad after eos.
 
   Args:
@@ -317,18 +325,21 @@ def greedy_search(model: LanguageModel, params: dict, inputs_embeds: Array | Non
     inputs_embeds: [B, S, D] (or input_ids [B, S]); attention_mask [B, S] (1 = token; BLOOM prompts are
       left-padded, T5 ones padded anywhere).
     eos_token_id, pad_token_id: default the config's (pad: eos when the config has none, as HF).
+    quant: a `models.quant.QuantConfig` (targets relative to `model`) when `params` come from
+      `quant.quantize_params`: the targeted kernels are read as int8 / int4 (weight-only).
   """
   mask = _prompt(model, inputs_embeds, input_ids, attention_mask)
   eos, pad = _special_ids(model, eos_token_id, pad_token_id)
   spec = SearchSpec(max_new_tokens, 1, eos, pad)
-  return _search_jit(model, params, inputs_embeds, input_ids, mask, Knobs.make(min_new_tokens), spec)
+  return _search_jit(model, params, inputs_embeds, input_ids, mask, Knobs.make(min_new_tokens), spec, quant)
 
 
 def beam_search(model: LanguageModel, params: dict, inputs_embeds: Array | None = None,
                 attention_mask: Array | None = None, *, input_ids: Array | None = None, num_beams: int,
                 max_new_tokens: int, min_new_tokens: int = 0, length_penalty: float = 1.0,
                 early_stopping: bool | str = False, num_return_sequences: int = 1, output_scores: bool = False,
-                eos_token_id: int | None = None, pad_token_id: int | None = None) -> Array | tuple[Array, Array]:
+                eos_token_id: int | None = None, pad_token_id: int | None = None,
+                quant: Any = None) -> Array | tuple[Array, Array]:
   """HF `generate(do_sample=False, num_beams=K)` -> int32 [B, max_new_tokens] (pad after eos); with
   num_return_sequences n > 1, the n best hypotheses [B, n, max_new_tokens]; `output_scores` adds their
   length-penalised scores float32 [B] / [B, n] (HF `sequences_scores`). Arguments as `greedy_search`;
@@ -338,7 +349,7 @@ def beam_search(model: LanguageModel, params: dict, inputs_embeds: Array | None 
   eos, pad = _special_ids(model, eos_token_id, pad_token_id)
   spec = SearchSpec(max_new_tokens, num_beams, eos, pad, num_return_sequences)
   knobs = Knobs.make(min_new_tokens, length_penalty, early_stopping)
-  out = _search_jit(model, params, inputs_embeds, input_ids, mask, knobs, spec)
+  out = _search_jit(model, params, inputs_embeds, input_ids, mask, knobs, spec, quant)
   if num_beams == 1:  # greedy; scores are not defined
     if output_scores:
       raise ValueError("output_scores needs num_beams > 1")
@@ -365,17 +376,17 @@ def bucket_prompt(input_ids: np.ndarray, attention_mask: np.ndarray, multiple: i
   return (np.pad(input_ids, width, constant_values=pad_token_id), np.pad(attention_mask, width, constant_values=0))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "spec"))
-def _mblip_search(model, params, pixel_values, input_ids, attention_mask, knobs, spec):
+@functools.partial(jax.jit, static_argnames=("model", "spec", "quant"))
+def _mblip_search(model, params, pixel_values, input_ids, attention_mask, knobs, spec, quant=None):
   embeds, mask = model.apply({"params": params}, pixel_values, input_ids, attention_mask,
-                             method=mblip.MBlip.prompt_embeds)
-  return _search(language_model(model), params["language_model"], embeds, None, mask, knobs, spec)
+                             method=mblip.MBlip.prompt_embeds)  # the LLM's embedding table only (never quantized)
+  return _search(language_model(model), params["language_model"], embeds, None, mask, knobs, spec, quant)
 
 
 def generate(model: mblip.MBlip, params: dict, pixel_values: Array, input_ids: Array,
              attention_mask: Array | None = None, *, num_beams: int = 5, max_new_tokens: int = 10,
              min_new_tokens: int = 1, length_penalty: float = -1.0, early_stopping: bool | str = False,
-             length_bucket: int = 16) -> Array:
+             length_bucket: int = 16, quant: Any = None) -> Array:
   """mBLIP generation (the seed's `mBLIP.generate`: the visual prefix before the prompt's token embeddings,
   then the LLM's `generate`) -> new token ids int32 [B, max_new_tokens], pad after eos. Defaults are mBLIP's
   VQA / classification protocol; captioning uses max_new_tokens=50, length_penalty=1.0.
@@ -385,6 +396,8 @@ def generate(model: mblip.MBlip, params: dict, pixel_values: Array, input_ids: A
       left-padded, as mBLIP's collator).
     length_bucket: the prompt is padded to a multiple of this many tokens, so that nearby lengths share one
       compiled program.
+    quant: a `models.quant.QuantConfig` with LLM-relative targets (`quant.llm_config`) when
+      `params["language_model"]` is quantized (`quant.quantize_llm`).
   """
   ids = np.asarray(input_ids)
   if ids.ndim != 2:
@@ -400,6 +413,6 @@ def generate(model: mblip.MBlip, params: dict, pixel_values: Array, input_ids: A
   ids, mask = bucket_prompt(ids, mask, length_bucket, pad, "left" if decoder_only else "right")
   spec = SearchSpec(max_new_tokens, num_beams, eos, pad)
   out = _mblip_search(model, params, jnp.asarray(pixel_values), jnp.asarray(ids), jnp.asarray(mask),
-                      Knobs.make(min_new_tokens, length_penalty, early_stopping), spec)
+                      Knobs.make(min_new_tokens, length_penalty, early_stopping), spec, quant)
   return out if num_beams == 1 else out[0]
 

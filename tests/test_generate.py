@@ -285,6 +285,23 @@ def test_mblip_generate_matches_the_seeds_path(mblip_pair):
       gen.generate(model, params, nhwc(px), ids, mask[:, ::-1])
 
 
+def test_mblip_int8_generate_equals_float_on_the_dequantized_weights(mblip_pair):
+  """Weight-only int8 LLM (qwix) through the cached greedy and beam search: the same tokens as the float search
+  on the dequantized weights (q * scale), i.e. the int8 path computes what it should through the KV cache."""
+  from mmret_jax.models import mblip as mblip_lib, quant  # pylint: disable=import-outside-toplevel
+  from test_mblip_parity import inputs, nhwc  # pylint: disable=import-outside-toplevel
+  name, _, model, params = mblip_pair
+  qc = quant.llm_config(mblip_lib.llm_family(model.config), bits=8)
+  qparams = quant.quantize_llm(model, params, qc)
+  assert len(quant.quantized_paths(qparams["language_model"])) > 0
+  deq = {**params, "language_model": quant.dequantize_params(qparams["language_model"])}
+  px, ids, mask = inputs(np.random.default_rng(5), left_pad=name == "bloom")
+  for beams in (1, 5):
+    ours = gen.generate(model, qparams, nhwc(px), ids, mask, num_beams=beams, quant=qc)
+    ref = gen.generate(model, deq, nhwc(px), ids, mask, num_beams=beams)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
+
+
 # ----------------------------------------------------------------------------- errors
 
 def test_bad_inputs_get_clear_errors(families):

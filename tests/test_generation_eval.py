@@ -281,6 +281,33 @@ def test_cli_caption_and_vqa_tasks(exported, tmp_path, capsys):
       assert metrics == {"acc": seed_maxm(golds, preds)}
 
 
+def test_cli_int8_predictions_are_the_dequantized_models(exported, tmp_path, capsys):
+  """`--quant int8`: the LLM's block kernels int8 (qwix) in the cached beam search; its predictions equal
+  `predict` with the float model on the dequantized weights (q * scale)."""
+  from mmret_jax.data.sources import mblip_json as mj  # pylint: disable=import-outside-toplevel
+  from mmret_jax.models import quant  # pylint: disable=import-outside-toplevel
+  _, _, w = exported
+  root = mblip_json.sample_root()
+  out = tmp_path / "q.jsonl"
+  rc = run_cli(["--model", str(w), "--data", str(root / "marvl.json"), "--task", "classify", "--image-root",
+                str(root / "images"), "--image-root", str(root / "images_extra"), "--output", str(out),
+                "--limit", "4", "--batch-size", "4", "--quant", "int8"])
+  assert rc == 0, capsys.readouterr().err
+  preds = [json.loads(line)["prediction"] for line in out.read_text().splitlines()]
+  model, params, tok, settings = ge.load_model(str(w))
+  qparams, qc = ge.quantize(model, params, "int8")
+  assert qc.bits == 8 and quant.quantized_paths(qparams["language_model"])
+  deq = {**params, "language_model": quant.dequantize_params(qparams["language_model"])}
+  rows, _, _ = ge.read_rows(root / "marvl.json", 4)
+  images = mj.MblipImages(mj.ImageResolver([str(root / "images"), str(root / "images_extra")]),
+                          int(settings["image_size"]), 1)
+  ref = ge.predict(model, deq, tok, rows, images, template=str(settings["template"]),
+                   max_len=int(settings["max_len"]), decoder_only=bool(settings["decoder_only"]), batch_size=4)
+  assert preds == ref
+  with pytest.raises(ValueError, match="quantization must be one of"):
+    ge.quantize(model, params, "int3")
+
+
 def test_cli_errors_are_one_line(exported, tmp_path, capsys):
   _, _, w = exported
   root = mblip_json.sample_root()

@@ -236,3 +236,67 @@ def test_smoke_config_trains_and_exports(tmp_path):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
   np.testing.assert_array_equal(loaded["model"]["query_tokens"], params["query_tokens"])
   assert not np.any(loaded["lora"]["language_model"]["encoder"]["block_0"]["layer_0"]["SelfAttention"]["q"]["lora_B"])
+
+
+def test_int8_llm_instruct_steps_and_loss(tmp_path):
+  """mblip.quant_bits=8: the LLM's block kernels are int8 leaves of the train state; the loss is the float model's
+  on the dequantized weights (q * scale, <= 1e-5); train steps update LoRA / Q-Former / projection only, the int8
+  values and scales stay bitwise; `load_init` quantizes a float init_from; the export is dequantized."""
+  from mmret_jax.models import quant  # pylint: disable=import-outside-toplevel
+  c8 = config(mblip_mt0, "instruct,smoke", **{"optim.warmup_steps": 0, "mblip.quant_bits": 8})
+  task = make_task(c8, tmp_path / "q")
+  params = nn.unbox(jax.jit(task.init_params)(jax.random.PRNGKey(0)))
+  qpaths = quant.quantized_paths(params["model"]["language_model"])
+  assert len(qpaths) == 18  # q, k, v, o x 3 attentions + 2 x (wi_0, wi_1, wo) of the one-block smoke mT5
+  int8 = {p: x for p, x in _leaves(params).items() if x.dtype == np.int8}
+  assert len(int8) == 18 and all(p.startswith("model/language_model/") for p in int8)
+  # the same loss as the float task on the dequantized LLM
+  fl = make_task(config(mblip_mt0, "instruct,smoke", **{"optim.warmup_steps": 0}), tmp_path / "f")
+  deq = {**params, "model": task.float_model_params(params["model"])}
+  b = task.train_batch(np.arange(8), 0)
+  b.pop("index")
+  rng = jax.random.PRNGKey(2)
+  lq = float(jax.jit(lambda p: task.loss_fn(p, b, rng, train=False)[0])(params))
+  lf = float(jax.jit(lambda p: fl.loss_fn(p, b, rng, train=False)[0])(deq))
+  assert abs(lq - lf) <= 1e-5, (lq, lf)
+  # train steps: int8 values and scales bitwise unchanged, the trainable parts move
+  tx, _ = optim.make_optimizer(c8.optim, 10, task.freeze_patterns())
+  state = loop.make_state(task, tx, params, jax.random.PRNGKey(1))
+  step = jax.jit(loop.make_train_step(task, tx, 1, "stop"))
+  before = _leaves(params)
+  for i in range(2):
+    bi = task.train_batch(np.arange(8 * i, 8 * i + 8), 0)
+    bi.pop("index")
+    state, m = step(state, bi)
+  assert np.isfinite(float(m["loss"]))
+  after = _leaves(state.params)
+  for path, x in before.items():
+    if path.startswith(("model/language_projection/", "model/qformer/", "model/query_tokens", "lora/")):
+      assert not np.array_equal(after[path], x), f"{path} did not train"
+    else:
+      assert after[path].dtype == x.dtype
+      np.testing.assert_array_equal(after[path], x, err_msg=f"{path} is frozen")
+  # export: the LLM dequantized, the LoRA merged on top
+  task.export(state.params, tmp_path / "export")
+  _, _, exported, _ = convert.load_any(tmp_path / "export")
+  want = lora_lib.merge(task.float_model_params(jax.device_get(state.params)["model"]),
+                        flatten(jax.device_get(state.params)["lora"]), task.lora_cfg)
+  k = "language_model/encoder/block_0/layer_0/SelfAttention/q/kernel".split("/")
+  got, ref = exported, want
+  for part in k:
+    got, ref = got[part], ref[part]
+  assert np.asarray(got).dtype == np.float32
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-6)
+  # init_from a float dir with quant_bits=8: load_init fills the float weights, then quantizes them
+  ft = make_task(config(mblip_mt0, "finetune,smoke", **{"init_from": str(tmp_path / "export"),
+                                                         "mblip.quant_bits": 8}), tmp_path / "ft")
+  shapes = jax.eval_shape(lambda: nn.unbox(ft.init_params(jax.random.PRNGKey(0))))
+  loaded = ft.load_init(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
+  assert jax.tree.structure(loaded) == jax.tree.structure(shapes)
+  deq = ft.float_model_params(loaded["model"])
+  for part in k:
+    deq = deq[part]
+  scale = np.max(np.abs(np.asarray(got)), axis=0) / 127  # per output channel
+  assert np.all(np.abs(np.asarray(deq) - np.asarray(got)) <= scale / 2 + 1e-7)
+  with pytest.raises(ValueError, match="quant_bits"):
+    make_task(config(mblip_mt0, "instruct,smoke", **{"mblip.quant_bits": 6}), tmp_path / "bad")

@@ -266,10 +266,11 @@ def format_table(table: dict[str, dict[str, float]]) -> str:
 
 def predict(model, params, tokenizer, rows, images, *, template: str = "{}", max_len: int = 128,
             decoder_only: bool = False, batch_size: int = 8, num_beams: int = 5, max_new_tokens: int = 10,
-            min_new_tokens: int = 1, length_penalty: float = -1.0, progress: bool = False) -> list[str]:
+            min_new_tokens: int = 1, length_penalty: float = -1.0, progress: bool = False,
+            quant: Any = None) -> list[str]:
   """Decoded generations (skip_special_tokens, stripped) of `rows` (mblip_json.Row: context, images): prompts
   `template.format(context)` tokenised as the training batches, the last batch padded with its last row (one
-  compiled shape)."""
+  compiled shape). `quant`: the LLM-relative QuantConfig when `params` has a quantized LLM (`quantize`)."""
   from mmret_jax import generate as gen_lib  # pylint: disable=import-outside-toplevel
   from mmret_jax.data.sources import mblip_json  # pylint: disable=import-outside-toplevel
   starts = range(0, len(rows), batch_size)
@@ -287,7 +288,7 @@ def predict(model, params, tokenizer, rows, images, *, template: str = "{}", max
     pixels = images([r.images for r in chunk])
     tokens = gen_lib.generate(model, params, pixels, batch["input_ids"], batch["attention_mask"],
                               num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                              length_penalty=length_penalty)
+                              length_penalty=length_penalty, quant=quant)
     text = tokenizer.batch_decode(np.asarray(tokens)[:n].tolist(), skip_special_tokens=True)
     out.extend(t.strip() for t in text)
   return out
@@ -362,6 +363,25 @@ def load_model(path: str, dtype: str = "float32"):
   return model, params, tokenizer, settings
 
 
+QUANT = {"none": 0, "int8": 8, "int4": 4}
+
+
+def quantize(model, params, kind: str):
+  """(params, QuantConfig or None): the LLM's block matrices weight-only quantized (`kind` int8 / int4, qwix;
+  models/quant.py), or the params unchanged for "none"."""
+  if kind not in QUANT:
+    raise ValueError(f"quantization must be one of {sorted(QUANT)}, got {kind!r}")
+  if not QUANT[kind]:
+    return params, None
+  try:
+    from mmret_jax.models import quant  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError(f"--quant {kind} needs qwix: pip install -e '.[quant]' ({e})") from None
+  from mmret_jax.models import mblip  # pylint: disable=import-outside-toplevel
+  qc = quant.llm_config(mblip.llm_family(model.config), QUANT[kind])
+  return quant.quantize_llm(model, params, qc), qc
+
+
 def _label_map(items: Sequence[str]) -> dict[str, str]:
   out = {}
   for it in items:
@@ -390,6 +410,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--limit", type=int, default=0, help="only the first N rows (0 = all)")
   p.add_argument("--label-map", action="append", default=[], help="KEY=VALUE on gold labels (e.g. True=yes)")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--quant", default="none", choices=tuple(QUANT), help="the LLM's block matrices weight-only "
+                 "int8 / int4 (qwix) for generation; the image side stays float")
   p.add_argument("--num-threads", type=int, default=4)
   a = p.parse_args(argv)
   if a.batch_size < 1 or a.num_beams < 1 or a.limit < 0:
@@ -401,6 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not pathlib.Path(r).is_dir():
       raise FileNotFoundError(f"image root not found: {r}")
   model, params, tokenizer, settings = load_model(a.model, a.dtype)
+  params, qc = quantize(model, params, a.quant)
   from mmret_jax.data.sources import mblip_json  # pylint: disable=import-outside-toplevel
   images = mblip_json.MblipImages(mblip_json.ImageResolver(a.image_root), int(settings["image_size"]),
                                   a.num_threads)
@@ -413,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   preds = predict(model, params, tokenizer, rows, images, template=template, max_len=int(settings["max_len"]),
                   decoder_only=bool(settings["decoder_only"]), batch_size=a.batch_size, num_beams=a.num_beams,
                   max_new_tokens=a.max_new_tokens or max_new, min_new_tokens=a.min_new_tokens,
-                  length_penalty=lp if a.length_penalty is None else a.length_penalty, progress=True)
+                  length_penalty=lp if a.length_penalty is None else a.length_penalty, progress=True, quant=qc)
   golds = [gold_of(o, r, label_map) for o, r in zip(raw, rows)]
   langs = [next((str(o[f]) for f in LANGUAGE_FIELDS if o.get(f) is not None), None) for o in raw]
   out = pathlib.Path(a.output)

@@ -30,6 +30,7 @@ for int8); give it a `tile_size` (untested here).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Mapping, Sequence
 
@@ -106,9 +107,36 @@ class _DenseFriendlyPtq(qwix.PtqProvider):
     return out
 
 
+# The entry methods qwix intercepts (those a model has): `apply(..., method="decode")` by name reaches the
+# quantized subclass's method; a base-class function (`method=T5ForConditionalGeneration.decode`) would bypass it.
+_METHODS = ("__call__", "encode", "decode")
+
+
+@functools.lru_cache(maxsize=64)
 def quantized_model(model: nn.Module, config: QuantConfig) -> nn.Module:
-  """`model` wrapped by qwix's PTQ provider: a linen module taking the params of `quantize_params`."""
-  return qwix.quantize_model(model, _DenseFriendlyPtq(config.rules()))
+  """`model` wrapped by qwix's PTQ provider: a linen module (a subclass of the model's class) taking the params
+  of `quantize_params`. Cached per (model, config), so jit sees the same static module each call. Trace it
+  inside `layers.unfused_projections()` (`apply_quantized` and the generation entry points do)."""
+  methods = tuple(m for m in _METHODS if callable(getattr(type(model), m, None)))
+  return qwix.quantize_model(model, _DenseFriendlyPtq(config.rules()), methods=methods)
+
+
+def llm_config(family: str, bits: int = 8, tile_size: int | None = None, prefix: str = "") -> QuantConfig:
+  """The frozen LLM's block matrices of `family` ("mt5" / "t5" / "bloom") as a QuantConfig; `prefix`: the LLM's
+  module path inside a bigger model ("language_model/" in `mblip.MBlip`)."""
+  if family not in TARGETS:
+    raise ValueError(f"no quantization targets for LLM family {family!r} (known: {sorted(TARGETS)})")
+  return QuantConfig(tuple(prefix + t for t in TARGETS[family]), bits=bits, tile_size=tile_size)
+
+
+def quantize_llm(model: nn.Module, params: Mapping, config: QuantConfig) -> dict:
+  """mBLIP params (`mblip.MBlip` `model`) with `params["language_model"]` quantized by `config` (LLM-relative
+  targets, `llm_config(family)`); the image side stays float. Traceable (shapes come from `jax.eval_shape`)."""
+  from mmret_jax import generate  # pylint: disable=import-outside-toplevel  (generate imports this lazily)
+  lm = generate.language_model(model)
+  ids = jnp.ones((1, 8), jnp.int32)
+  kwargs = {"decoder_input_ids": ids} if hasattr(type(lm), "decode") else {}
+  return {**params, "language_model": quantize_params(lm, params["language_model"], config, ids, **kwargs)}
 
 
 def _flat_shapes(tree: Mapping) -> dict[str, tuple[int, ...]]:

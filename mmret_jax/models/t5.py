@@ -460,7 +460,7 @@ def init_cache(model: T5ForConditionalGeneration, batch_size: int, max_length: i
   def create():
     ids = jnp.zeros((batch_size, max_length), jnp.int32)
     enc = jnp.zeros((batch_size, 1, model.config.d_model), model.dtype)
-    return model.init(jax.random.PRNGKey(0), ids, enc, decode=True, method=T5ForConditionalGeneration.decode)
+    return model.init(jax.random.PRNGKey(0), ids, enc, decode=True, method="decode")
   shapes = jax.eval_shape(create)[layers.CACHE]
   blocks = {name: {"layer_0": block["layer_0"]} for name, block in shapes["decoder"].items()}
   return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), {"decoder": blocks})
@@ -473,7 +473,7 @@ def decode_step(model: T5ForConditionalGeneration, params: dict, cache: dict, de
   Give encoder_hidden_states [B, S, D] on the first step (they fill the cross-attention caches); later steps
   reuse the cached encoder keys / values. encoder_attention_mask [B, S] on every step."""
   logits, variables = model.apply({"params": params, layers.CACHE: cache}, decoder_input_ids, encoder_hidden_states,
-                                  encoder_attention_mask, decode=True, method=T5ForConditionalGeneration.decode,
+                                  encoder_attention_mask, decode=True, method="decode",
                                   mutable=[layers.CACHE])
   return logits, variables[layers.CACHE]
 

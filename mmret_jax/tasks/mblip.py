@@ -59,6 +59,7 @@ FROZEN = {
     "finetune": (r"^model/vision_model/", r"^model/language_model/"),
 }
 USES_LORA = {"warmup": False, "instruct": True, "finetune": True}
+QUANT_BITS = (0, 8, 4)
 
 
 def nest(flat: dict) -> dict:
@@ -147,6 +148,9 @@ class MBlipTask(Task):
                        "shared/reference/mblip.md)")
     if str(c.data.augment) not in AUGMENTS:
       raise ValueError(f"data.augment must be one of {AUGMENTS}, got {c.data.augment!r}")
+    bits = int(c.mblip.get("quant_bits", 0))
+    if bits not in QUANT_BITS:
+      raise ValueError(f"mblip.quant_bits must be one of {QUANT_BITS} (0 = no quantization), got {bits}")
     if c.mblip.llm_from and not c.init_from:
       raise ValueError("mblip.llm_from needs init_from (the BLIP-2 image side or an mBLIP dir)")
     self._read_data()
@@ -223,6 +227,15 @@ class MBlipTask(Task):
     if USES_LORA[self.stage]:
       self.lora_cfg = lora_lib.LoraConfig.preset(self.family, str(c.lora.targets), r=int(c.lora.r),
                                                  lora_alpha=float(c.lora.alpha), lora_dropout=float(c.lora.dropout))
+    self.quant_llm = self.quant_model = None
+    bits = int(c.mblip.get("quant_bits", 0))
+    if bits:  # the frozen LLM weight-only quantized (models/quant.py); qwix is an optional dependency
+      try:
+        from mmret_jax.models import quant  # pylint: disable=import-outside-toplevel
+      except ImportError as e:
+        raise ImportError(f"mblip.quant_bits={bits} needs qwix: pip install -e '.[quant]' ({e})") from None
+      self.quant_llm = quant.llm_config(self.family, bits)
+      self.quant_model = quant.llm_config(self.family, bits, prefix="language_model/")
     self._frozen = optim.matches(tuple(c.optim.get("freeze", ())) + self.freeze_patterns())
     self._eval_fn = None
 
@@ -240,16 +253,29 @@ class MBlipTask(Task):
   def init_params(self, rng):
     r_model, r_lora = jax.random.split(rng)
     params = {"model": mblip.init_params(self.model, r_model)}
+    if self.quant_llm is not None:
+      params["model"] = self._quantize(params["model"])
     if self.lora_cfg is not None:
       flat = lora_lib.init_lora({"language_model": params["model"]["language_model"]}, self.lora_cfg, r_lora)
       params["lora"] = nest(flat)
     return params
 
+  def _quantize(self, model):
+    from mmret_jax.models import quant  # pylint: disable=import-outside-toplevel
+    return quant.quantize_llm(self.model, model, self.quant_llm)
+
+  def float_model_params(self, model):
+    """The model params with the LLM dequantized when it is quantized (q * scale, float32)."""
+    if self.quant_llm is None:
+      return model
+    from mmret_jax.models import quant  # pylint: disable=import-outside-toplevel
+    return {**model, "language_model": quant.dequantize_params(model["language_model"])}
+
   def load_init(self, params):
     if self._pretrained is None:
       return params
     c = self.config
-    model = dict(params["model"])
+    model = dict(self.float_model_params(params["model"]))  # quantized LLM: filled in float, quantized below
     keep = ("language_projection",) if c.mblip.random_projection else ()
     part = {k: v for k, v in model.items() if k not in keep}
     try:
@@ -266,6 +292,8 @@ class MBlipTask(Task):
         print(f"note: merged the LoRA of {c.mblip.merge_lora_from} ({len(adapters)} modules) into the LLM",
               file=sys.stderr)
     self._pretrained = None  # free the host copy
+    if self.quant_llm is not None:
+      model = nn.unbox(self._quantize(model))
     return {**params, "model": jax.tree.map(np.asarray, model)}
 
   def _stop_frozen(self, params):
@@ -277,10 +305,17 @@ class MBlipTask(Task):
     """{"logits", "loss"} of the model (with the LoRA when there is one)."""
     rngs = {"dropout": rng} if train else None
     args = (batch["pixels"], batch["input_ids"], batch["attention_mask"], batch["labels"])
+    model = self.model
+    if self.quant_model is not None:  # the quantized LLM kernels read through qwix
+      from mmret_jax.models import quant  # pylint: disable=import-outside-toplevel
+      if "lora" not in params:
+        return quant.apply_quantized(model, params["model"], self.quant_model, *args, rngs=rngs,
+                                     deterministic=not train)
+      model = quant.quantized_model(model, self.quant_model)
     if "lora" in params:
-      return lora_lib.apply_with_lora(self.model, params["model"], flatten(params["lora"]), self.lora_cfg, *args,
+      return lora_lib.apply_with_lora(model, params["model"], flatten(params["lora"]), self.lora_cfg, *args,
                                       rngs=rngs, deterministic=not train)
-    return self.model.apply({"params": params["model"]}, *args, rngs=rngs, deterministic=not train)
+    return model.apply({"params": params["model"]}, *args, rngs=rngs, deterministic=not train)
 
   def _target_tokens(self, labels):
     lab = labels[:, 1:] if self.decoder_only else labels
@@ -345,7 +380,7 @@ class MBlipTask(Task):
     from mmret_jax.eval import generation as gen_eval  # pylint: disable=import-outside-toplevel
     if task not in gen_eval.TASKS:
       raise ValueError(f"generation.eval_task must be one of {gen_eval.TASKS} or empty, got {task!r}")
-    model = params["model"]
+    model = self.float_model_params(params["model"])
     if "lora" in params:
       model = lora_lib.merge(model, flatten(params["lora"]), self.lora_cfg)
     caption = task == "caption"
@@ -377,7 +412,7 @@ class MBlipTask(Task):
     dst = pathlib.Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     params = jax.device_get(params)
-    model = params["model"]
+    model = self.float_model_params(params["model"])  # a quantized LLM exports dequantized (q * scale)
     if "lora" in params:
       adapters = flatten(params["lora"])
       model = lora_lib.merge(model, adapters, self.lora_cfg)

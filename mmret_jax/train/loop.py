@@ -105,7 +105,9 @@ def make_train_step(task, tx, accum_steps: int, on_nonfinite: str):
 
   def grads_of(params, batch, rng, task_state=None):
     kw = {} if task_state is None else {"task_state": task_state}
-    return jax.value_and_grad(task.loss_fn, has_aux=True)(params, batch, rng, **kw)
+    # allow_int: integer leaves (a frozen int8 / int4 quantized LLM, models/quant.py) get zero gradients
+    out, grads = jax.value_and_grad(task.loss_fn, has_aux=True, allow_int=True)(params, batch, rng, **kw)
+    return out, jax.tree.map(lambda g, p: jnp.zeros_like(p) if g.dtype == jax.dtypes.float0 else g, grads, params)
 
   def step(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
