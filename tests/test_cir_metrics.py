@@ -215,3 +215,20 @@ def test_validator_reports_problems(test1_submission):
       "recall_subset: header is version='rc1' metric='recall_subset', expected 'rc2' / 'recall_subset'",
       f"recall_subset: {pids[2]}: names outside the img_set members",
       f"recall_subset: {pids[3]}: 2 names (2 distinct), expected 3 distinct"]
+
+
+def test_cirr_eval_skips_unreadable_img_set_members():
+  """A missing gallery image that is another query's img_set member: counted, left out of that subset, no error;
+  the subset recall is then computed over the readable members."""
+  import types  # pylint: disable=import-outside-toplevel
+  from mmret_jax.tasks.cir import evaluate_cir  # pylint: disable=import-outside-toplevel
+  names = [f"im{i}" for i in range(8)]
+  rng = np.random.default_rng(0)
+  feats = {n: rng.standard_normal(4).astype(np.float32) for n in names}
+  q = types.SimpleNamespace(reference="im0", target="im1", members=("im0", "im1", "im2", "im3"))
+  data = types.SimpleNamespace(dataset="cirr", eval_groups=lambda: [types.SimpleNamespace(
+      name="val", index_names=names, queries=[q])])
+  qf = lambda qs: np.stack([feats["im1"] + 0.01 for _ in qs])  # the target ranks first
+  out = evaluate_cir(data, qf, lambda n: n != "im2", lambda idx: np.stack([feats[n] for n in idx]))
+  assert out["images_skipped"] == 1.0 and out["queries_skipped"] == 0.0
+  assert out["group_recall_at1"] == 100.0 and out["recall_at1"] == 100.0

@@ -59,12 +59,16 @@ def losses_of(workdir):
   return [r["loss"] for r in read_metrics(workdir) if "loss" in r]
 
 
-def test_resume_is_bitwise(tmp_path):
+def test_resume_is_bitwise(tmp_path, monkeypatch, capsys):
   data = write_pairs(tmp_path / "pairs.tsv")
   full = loop.train_and_evaluate(tiny_config(data, eval_every=0), tmp_path / "full")
-  loop.train_and_evaluate(tiny_config(data, stop_at_step=3, eval_every=0), tmp_path / "resumed")
+  monkeypatch.chdir(tmp_path)  # a relative workdir (as the README's --workdir=runs/...) resumes too
+  loop.train_and_evaluate(tiny_config(data, stop_at_step=3, eval_every=0), "resumed")
   assert len(losses_of(tmp_path / "resumed")) == 3
-  resumed = loop.train_and_evaluate(tiny_config(data, eval_every=0), tmp_path / "resumed")
+  capsys.readouterr()
+  resumed = loop.train_and_evaluate(tiny_config(data, eval_every=0), "resumed")
+  err = capsys.readouterr().err
+  assert "cannot be restored" not in err and not list(tmp_path.glob("resumed/checkpoints/corrupt*"))
   assert losses_of(tmp_path / "full") == losses_of(tmp_path / "resumed")  # every logged loss, exactly
   same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
                       full.state.params, resumed.state.params)

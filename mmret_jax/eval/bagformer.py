@@ -18,7 +18,8 @@ The seed's `evaluation` (train_muge.py; shared/reference/bagformer.md section 5)
 4. metrics (eval/muge.py `itm_eval`, the seed's keys) on a labelled split: the MUGE figure is text ->
    image R@1/5/10 and their mean (`img_r1`, ..., `img_r_mean`).
 Files under OUT: `results.json`, and `{merge,recall,rank}_t2i.jsonl` (the seed's `--testing` output: the
-top-10 item ids per query). Raw image states (the re-ranking input, [N, 257, 768]) are kept in float16
+top-10 item ids per query). `--plot PATH.png` also draws the re-ranked (`merge`) top-5 images of the first
+`--plot-queries` text queries, the labelled items framed green (`t2i_rows` + `mmret_jax.viz`). Raw image states (the re-ranking input, [N, 257, 768]) are kept in float16
 as the seed does; with OUT they live in a memory-mapped file there, not in RAM.
 """
 
@@ -244,6 +245,31 @@ def evaluate_split(enc: BagFormerEncoder, split: muge.MugeSplit, *, k_test: int 
   return result
 
 
+def t2i_rows(split: muge.MugeSplit, scores: np.ndarray, queries: Sequence[int] | int = 4, k: int = 5,
+             label: str | None = None) -> list[dict]:
+  """Rows for `viz.topk_rows`: per query (indices, or the first N), its text and the top-k pool images of a
+  text -> image score matrix [Q, N] (ties: the lower pool row first), framed green / red by the labels
+  (no frame colour on the unlabelled test split). `label` prefixes each query's title."""
+  if isinstance(queries, int):
+    queries = range(min(queries, len(split.queries)))
+  labelled = split.split != "test"
+  rows = []
+  for q in queries:
+    top = np.argsort(-scores[q], kind="stable")[:k]
+    gold = set(split.txt2img[q]) if labelled else set()
+    rows.append({"query": split.queries[q].text, "title": label,
+                 "candidates": [split.images.load_at(int(r)) for r in top],
+                 "scores": [float(scores[q, r]) for r in top], "names": [split.images.ids[int(r)] for r in top],
+                 "relevant": [int(r) in gold for r in top] if labelled else None})
+  return rows
+
+
+def plot_t2i(split: muge.MugeSplit, scores: np.ndarray, path, queries: int = 4, k: int = 5) -> pathlib.Path:
+  """A PNG of the first `queries` text queries' top-k images under `scores` (`t2i_rows`)."""
+  from mmret_jax import viz  # pylint: disable=import-outside-toplevel
+  return viz.save_png(viz.topk_rows(t2i_rows(split, scores, queries, k)), path)
+
+
 def _evaluate(args) -> int:
   enc = BagFormerEncoder.from_dir(args.model, bagging_mode=args.bagging, dictionary=args.dictionary)
   split = muge.MugeSplit(pathlib.Path(args.muge_root), args.split)  # logs what it skipped
@@ -253,6 +279,10 @@ def _evaluate(args) -> int:
   if result["table"]:
     print(result["table"])
   print(f"wrote {out / 'results.json'} and the top-10 files {', '.join(f'{s}_t2i.jsonl' for s in SCORE_SETS)}")
+  if args.plot:
+    name = "merge_t2i" if "merge_t2i" in result["scores"] else "recall_t2i"  # i2t only: no t2i re-ranking
+    path = plot_t2i(split, result["scores"][name], args.plot, args.plot_queries)
+    print(f"wrote {path} (the {name} top-5 of the first {min(args.plot_queries, len(split.queries))} queries)")
   return 0
 
 
@@ -269,9 +299,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--bagging", choices=bagging.MODES, default=None, help="override the model's bagging mode")
   ap.add_argument("--dictionary", default=None, help="entity dictionary (default: the one in --model)")
   ap.add_argument("--quiet", action="store_true", help="no progress bars")
+  ap.add_argument("--plot", default=None, metavar="PATH.png",
+                  help="also save a PNG of the re-ranked top-5 images of the first --plot-queries queries")
+  ap.add_argument("--plot-queries", type=int, default=4, metavar="N", help="queries drawn by --plot")
   args = ap.parse_args(argv)
   if args.k_test < 1:
     ap.error("--k-test must be >= 1")
+  if args.plot is not None and not args.plot.lower().endswith(".png"):
+    ap.error(f"--plot writes a PNG: give a path ending in .png, got {args.plot}")
+  if args.plot_queries < 1:
+    ap.error("--plot-queries must be >= 1")
   return cli.run(lambda: _evaluate(args))
 
 

@@ -15,6 +15,10 @@ Bi-BLIP4CIR (Liu et al., WACV 2024) evaluation as in the seed `Cuberick-Orion/Bi
   with k = N), so the subset order always agrees with the global order.
 
 Shapes: Q queries, N gallery images, D feature dim.
+
+Command line: `python -m mmret_jax.eval.cir --model WORKDIR --dataset cirr|fashioniq [--output m.json]
+[--plot top5.png [--plot-queries N]]` prints the table (`format_table`); `--plot` also saves the top-5 gallery
+images of the first N queries, the target framed green (`topk_rows`, `plot_topk`).
 """
 
 from __future__ import annotations
@@ -493,6 +497,61 @@ def features_for(model: CirModel, data, args, log) -> tuple[dict[str, int], np.n
   return {n: i for i, n in enumerate(names)}, feats, ok
 
 
+PLOT_TOP = 5  # gallery images drawn per query by --plot
+
+
+def topk_rows(data, model: CirModel, feats: np.ndarray, index: Mapping[str, int], ok: np.ndarray,
+              queries: int = 4, k: int = PLOT_TOP, batch_size: int = 32) -> list[dict]:
+  """`mmret_jax.viz.topk_rows` rows of the first `queries` evaluable queries: (reference image, caption), then
+  the top-k gallery images of the query's eval group, ranked as the metrics rank them (CIRR: the reference
+  removed), the target framed green; the query's title gives the target's rank (`target #r`).
+
+  Args:
+    data: the loaded split (`cir_data.load`); model: the `CirModel` whose features these are.
+    feats: raw image features, a row per name of `index`; ok: their readability flags.
+  """
+  from mmret_jax.data.sources import cir as cir_data  # pylint: disable=import-outside-toplevel
+  readable = lambda n: n in index and bool(ok[index[n]])
+  rows = []
+  for group in data.eval_groups():
+    if len(rows) >= queries:
+      break
+    gallery = [n for n in group.index_names if readable(n)]
+    names = set(gallery)
+    qs = [q for q in group.queries if readable(q.reference) and q.target in names][:queries - len(rows)]
+    if not qs:
+      continue
+    qf = model.query_features(feats[[index[q.reference] for q in qs]], model.texts(qs), batch_size)
+    gf = feats[[index[n] for n in gallery]].astype(np.float32)
+    qn = qf / np.maximum(np.linalg.norm(qf, axis=1, keepdims=True), 1e-12)
+    scores = qn @ (gf / np.maximum(np.linalg.norm(gf, axis=1, keepdims=True), 1e-12)).T  # cosine, [q, N]
+    if data.dataset == "cirr":
+      members = [[m for m in q.members if m in names] for q in qs]  # only the top is drawn
+      top = cirr_rankings(qf, gf, gallery, [q.reference for q in qs], members, k).top
+    else:
+      top = search(qf, gf, min(k, len(gallery)), metric="cosine")[1]
+    pos = {n: i for i, n in enumerate(gallery)}
+    for r, q in enumerate(qs):
+      s = scores[r].copy()
+      if data.dataset == "cirr":
+        s[pos[q.reference]] = -np.inf  # not ranked
+      rank = 1 + int(np.count_nonzero(s > s[pos[q.target]]))
+      cand = [gallery[j] for j in top[r]]
+      rows.append({"query": (str(data.image_path(q.reference)), cir_data.query_text(q, None)),
+                   "title": (f"{group.name}, " if data.dataset == "fashioniq" else "") + f"target #{rank}",
+                   "candidates": [str(data.image_path(n)) for n in cand],
+                   "scores": [float(scores[r, j]) for j in top[r]], "relevant": [n == q.target for n in cand]})
+  return rows
+
+
+def plot_topk(rows: Sequence[Mapping], path: str | os.PathLike) -> pathlib.Path:
+  """Draws `topk_rows` output (`mmret_jax.viz.topk_rows`) and saves it as a PNG; returns the path."""
+  from mmret_jax import viz  # pylint: disable=import-outside-toplevel
+  if not rows:
+    raise ValueError("--plot: no query with readable reference and target images to draw")
+  return viz.save_png(viz.topk_rows(rows), path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   from mmret_jax import cli  # pylint: disable=import-outside-toplevel
   ap = cli.ArgumentParser(prog="python -m mmret_jax.eval.cir",
@@ -502,7 +561,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--split", default="val", help="annotation split with targets (val)")
   ap.add_argument("--categories", default="dress,shirt,toptee", help="FashionIQ categories")
   ap.add_argument("--output", default="", help="also write the metrics as JSON here")
+  ap.add_argument("--plot", default=None, metavar="PATH.png",
+                  help=f"also save a PNG of the top-{PLOT_TOP} gallery images of the first --plot-queries queries "
+                       "(target framed green)")
+  ap.add_argument("--plot-queries", type=int, default=4, metavar="N", help="queries drawn by --plot")
   args = ap.parse_args(argv)
+  if args.plot is not None and pathlib.Path(args.plot).suffix.lower() != ".png":
+    ap.error(f"--plot writes a PNG: give a path ending in .png, got {args.plot}")
+  if args.plot_queries < 1:
+    ap.error("--plot-queries must be >= 1")
   return cli.run(lambda: _evaluate(args))
 
 
@@ -525,6 +592,10 @@ def _evaluate(args) -> int:
           "(missing or unreadable images)")
   if args.output:
     pathlib.Path(args.output).write_text(json.dumps(metrics, indent=1, sort_keys=True))
+  if args.plot:
+    rows = topk_rows(data, model, feats, index, ok, args.plot_queries, PLOT_TOP, args.batch_size)
+    path = plot_topk(rows, args.plot)
+    log(f"wrote {path} (the top-{PLOT_TOP} of the first {len(rows)} queries)")
   return 0
 
 

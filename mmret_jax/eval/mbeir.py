@@ -1,6 +1,7 @@
 """UniIR's M-BEIR evaluation: embed -> exact inner-product index -> top-k -> TREC run files -> Recall@K.
 
     python -m mmret_jax.eval.mbeir all --model DIR --mbeir-root ROOT --out OUT [--pool local|global|both]
+        [--plot OUT/topk.png [--plot-queries N]]
 
 Seed: `TIGER-AI-Lab/UniIR` `src/common/mbeir_embedder.py`, `src/common/mbeir_retriever.py` and the
 eval yamls (`configs_scripts/large/eval/{inbatch,unirag}`); shared/reference/uniir.md.
@@ -32,6 +33,9 @@ Output folder OUT:
     runs/retrieve.json               the backend and pools of the last retrieve step
     results.tsv, results.json        Recall@K table (the seed's TSV columns) and everything as JSON
     retrieved_candidates/<run_id>_retrieved.jsonl   --unirag: UniRAG records (mbeir_unirag.py)
+    --plot PATH.png                  retrieve / all: a row per query (the first --plot-queries of each
+                                     (set, pool) run): the query, then its top candidates (images, texts,
+                                     or images titled by their text), relevant ones (qrels) framed green
 Pool keys: mbeir_<pool>_cand_pool (e.g. mbeir_mscoco_task0_test_cand_pool), mbeir_union_<split>_cand_pool.
 """
 
@@ -44,6 +48,7 @@ import os
 import pathlib
 import statistics
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -398,6 +403,76 @@ def step_retrieve(plan: Plan) -> None:
       mbeir.write_run_file(tmp, results, plan.run_id(spec, pool), tasks)
       os.replace(tmp, path)
       _log(f"retrieve: {path.name} ({len(qids)} queries, {g.key}, {plan.args.backend})")
+  if getattr(plan.args, "plot", None):
+    path = plot_runs(plan, plan.args.plot, plan.args.plot_queries)
+    _log(f"retrieve: plot of the top {PLOT_TOP} per query -> {path}")
+
+
+PLOT_TOP = 5  # candidates drawn per query by --plot
+
+
+def _item(img_path: str | None, text: str | None, image_root: pathlib.Path):
+  """What viz draws for a record: its image path, its text, or (image, text) when it has both."""
+  img = str(image_root / img_path) if img_path else None
+  if img and text:
+    return img, text
+  return img or (text or "(empty)")
+
+
+def topk_queries(data: mbeir.MBEIR, spec: mbeir.EvalSetSpec, split: str, run: mbeir.RunFile, n: int = 3,
+                 k: int = PLOT_TOP, pools: Sequence[mbeir.JsonlRecords] | None = None,
+                 qids: Sequence[str] | None = None) -> list[dict[str, Any]]:
+  """`viz.topk_rows` rows for the first `n` queries of a run file (file order; or the run's queries
+  `qids`): the query (image, text or (image, text)), its top-`k` candidates (an image+text candidate as
+  its image, the did and the start of its text in its title), scores, dids and relevance (the set's qrels:
+  True frames green). `pools`: the candidate records the run searched (default: the set's local pool; a
+  UNION run: `[mbeir_pool(data, n) for n in union_pool_names(data, split)]`)."""
+  queries = mbeir_queries(data, spec.name, split, check_images=False)
+  qrels = data.qrels(spec.name, split)
+  pools = list(pools) if pools is not None else [mbeir_pool(data, spec.pool_name(split))]
+  rows = []
+  for qid in list(qids) if qids is not None else list(run.ranked)[:n]:
+    if qid not in run.ranked:
+      raise KeyError(f"query {qid!r} is not in the run file")
+    dids = run.ranked[qid][:k]
+    cands, names = [], []
+    for did in dids:
+      c = next((c for p in pools if (c := p.get(did)) is not None), None)
+      item = "(not in the pool)" if c is None else _item(c.img_path, c.text, data.image_root)
+      if isinstance(item, tuple):  # image + text: the image, titled by the text
+        item, text = item
+        names.append(f"{did} {textwrap.shorten(text, 22, placeholder='...')}")
+      else:
+        names.append(did)
+      cands.append(item)
+    q = queries.get(qid)
+    rel = set(qrels.relevant.get(qid, ()))
+    rows.append({"query": "(unknown qid)" if q is None else _item(q.img_path, q.text, data.image_root),
+                 "title": spec.name, "candidates": cands, "names": names,
+                 "scores": list(run.scores[qid][:k]), "relevant": [d in rel for d in dids]})
+  return rows
+
+
+def plot_runs(plan: Plan, path: str | os.PathLike, n: int = 2) -> pathlib.Path:
+  """--plot: the first `n` queries of every (set, pool) run file of the plan, a row each (viz.topk_rows)."""
+  from mmret_jax import viz  # pylint: disable=import-outside-toplevel
+  rows = []
+  union = None
+  for pool in plan.pools:
+    for spec in plan.sets:
+      run_path = plan.run_path(spec, pool)
+      if not run_path.is_file():
+        continue
+      if pool == "union" and union is None:
+        union = [mbeir_pool(plan.data, name) for name in union_pool_names(plan.data, plan.split)]
+      for r in topk_queries(plan.data, spec, plan.split, mbeir.read_run_file(run_path), n, PLOT_TOP,
+                            union if pool == "union" else None):
+        if len(plan.pools) > 1:
+          r["title"] = f"{r['title']} ({pool})"
+        rows.append(r)
+  if not rows:
+    raise FileNotFoundError(f"--plot: no run file with queries under {plan.out / 'runs'}")
+  return viz.save_png(viz.topk_rows(rows, k=PLOT_TOP), path)
 
 
 def step_score(plan: Plan) -> dict[str, Any]:
@@ -547,6 +622,9 @@ def _parser():
   ap.add_argument("--seed", type=int, default=0, help="seed of the instruction draws")
   ap.add_argument("--synthetic-images", action="store_true",
                   help="draw missing images first (the bundled mini M-BEIR; demos and tests only)")
+  ap.add_argument("--plot", default=None, metavar="PATH.png",
+                  help="retrieve / all: also save a PNG of the top-5 candidates of the first queries of each run")
+  ap.add_argument("--plot-queries", type=int, default=2, metavar="N", help="with --plot: queries per (set, pool)")
   ap.add_argument("--no-progress", action="store_true")
   return ap
 
@@ -559,6 +637,13 @@ def _run(args) -> int:
     raise ValueError("--unirag-complements needs --unirag")
   if args.k < 0 or args.batch_size < 1 or args.shard_size < 1:
     raise ValueError("--k must be >= 0, --batch-size and --shard-size >= 1")
+  if args.plot is not None:
+    if args.step not in ("retrieve", "all"):
+      raise ValueError(f"--plot draws the retrieve step's results: use it with `retrieve` or `all`, not `{args.step}`")
+    if pathlib.Path(args.plot).suffix.lower() != ".png":
+      raise ValueError(f"--plot writes a PNG: give a path ending in .png, got {args.plot}")
+    if args.plot_queries < 1:
+      raise ValueError(f"--plot-queries must be >= 1, got {args.plot_queries}")
   partitioning.maybe_initialize_distributed()
   root = pathlib.Path(args.mbeir_root)
   if not root.exists():

@@ -543,8 +543,9 @@ def evaluate_cir(data, query_features, image_ok, index_features) -> dict[str, fl
     if data.dataset == "fashioniq":
       per_category[group.name] = cir_eval.fiq_recall(qf, idx, index, [q.target for q in queries])
     else:
+      # unreadable img_set members leave the subset too (counted in images_skipped)
       res = cir_eval.cirr_recall(qf, idx, index, [q.reference for q in queries], [q.target for q in queries],
-                                 [q.members for q in queries])
+                                 [[m for m in q.members if m in names] for q in queries])
       res["recall_mean"] = res.pop(cir_eval.CIRR_HEADLINE)  # (R@5 + Rs@1) / 2, a TensorBoard-safe name
       out.update(res)
   if per_category:

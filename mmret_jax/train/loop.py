@@ -415,6 +415,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> RunResult:
   starts: a workdir this call created is removed again."""
   partitioning.maybe_initialize_distributed()
   workdir = storage.as_path(workdir)
+  if not storage.is_remote(workdir):  # Orbax's metadata reads need absolute paths (a relative one reads nothing)
+    workdir = workdir.absolute()
   is_main = jax.process_index() == 0
   mesh = partitioning.make_mesh(dict(config.mesh))  # before anything is written
   dp = partitioning.data_parallel_size(mesh)
