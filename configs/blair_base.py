@@ -40,7 +40,10 @@ def get_config(arg=None, *, preset="roberta-base", per_device_batch=384, num_dev
   c.loss = dict(temp=0.05, pooler="cls", do_mlm=True, mlm_weight=0.1, mlm_probability=0.15,
                 # MLM vocab head positions, capped per batch shard: 0 = auto (mean + 6 sd of the masked count;
                 # the loss is exact unless a shard overflows, counted as mlm_overflow), -1 = all (seed), N per row.
-                mlm_max_predictions=0, symmetric=False, learnable_temp=False)
+                mlm_max_predictions=0, symmetric=False, learnable_temp=False,
+                # dense: the [B, B] logits on every device; ring: losses.ring_contrastive_loss (candidate blocks
+                # passed around the data x fsdp devices, O(b x B) memory per device, the same loss and gradients)
+                impl="dense")
   # Held-out pairs at ks; optionally Amazon-C4 (test.csv + sampled_item_metadata_1M.jsonl), NDCG@100.
   c.eval = dict(ks=(1, 10, 50, 100), c4_queries="", c4_pool="", c4_max_length=512)
   c.optim.learning_rate = 5e-5

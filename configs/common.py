@@ -26,6 +26,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_epochs = 0.0
   c.batch_size = 32          # global, over all devices and hosts
   c.grad_accum_steps = 1     # microbatches per step (contrastive negatives then come from each microbatch)
+  # GradCache (train/grad_cache.py): > 0 = encode the batch in chunks of this many rows, the loss still on the
+  # whole batch (every negative), activations of one chunk at a time; contrastive tasks only
+  c.grad_cache = ml_collections.ConfigDict({"chunk_size": 0})
   c.log_every = 50
   c.eval_every = 1000        # 0 = only at the end, -1 = never
   c.checkpoint_every = 1000

@@ -52,6 +52,113 @@ def info_nce(logits: jax.Array, symmetric: bool = False, valid: jax.Array | None
   return loss
 
 
+def sigmoid_loss(logits: jax.Array, bias: jax.Array | float = 0.0, valid: jax.Array | None = None) -> jax.Array:
+  """SigLIP's pairwise sigmoid loss: -sum_ij log sigmoid(z_ij (logits_ij + bias)) / (valid rows), z = +1 on the
+  diagonal, -1 elsewhere; pairs with an invalid row or column are left out."""
+  n = logits.shape[0]
+  z = 2.0 * jnp.eye(n, dtype=jnp.float32) - 1.0
+  terms = jax.nn.log_sigmoid(z * (logits.astype(jnp.float32) + bias))
+  if valid is None:
+    return -jnp.sum(terms) / n
+  valid = valid.astype(bool)
+  keep = valid[:, None] & valid[None, :]
+  return -jnp.sum(jnp.where(keep, terms, 0.0)) / jnp.maximum(valid.sum(), 1)
+
+
+_FAR = -1e30  # a finite "minus infinity" for masked logits (as info_nce's)
+
+
+def _ring_axes(mesh, axes) -> tuple[tuple[str, ...], int]:
+  names = tuple(a for a in axes if a in mesh.shape)
+  missing = [a for a in axes if a not in mesh.shape]
+  if missing:
+    raise ValueError(f"ring loss: mesh has no axis {missing} (its axes: {tuple(mesh.shape)})")
+  return names, math.prod(mesh.shape[a] for a in names)
+
+
+def _ring_blocks(x, y, vy, n, axes, step_fn, init):
+  """Runs `step_fn(carry, x, y_block, vy_block, origin)` for the n candidate blocks of the ring: this device's
+  block first, then each block passed on by `ppermute` (device k sends to k + 1, so at step t a device holds
+  the block of device i - t). One [b, b] logits block is alive at a time, forward and backward."""
+  i = jax.lax.axis_index(axes)
+  perm = [(k, (k + 1) % n) for k in range(n)]
+
+  # rematerialised: the backward pass recomputes each step's [b, b] block from the carry instead of storing n of
+  # them, so what is kept per step is the travelling block [b, D] and the [b] accumulators
+  @jax.checkpoint
+  def body(carry, t):
+    acc, yb, vb = carry
+    acc = step_fn(acc, x, yb, vb, (i - t) % n)
+    yb, vb = jax.lax.ppermute((yb, vb), axes, perm)
+    return (acc, yb, vb), None
+  init = jax.tree.map(lambda a: jax.lax.pcast(a, axes, to="varying"), init)  # per-device accumulators
+  (acc, _, _), _ = jax.lax.scan(body, (init, y, vy), jnp.arange(n))
+  return acc
+
+
+def ring_contrastive_loss(q: jax.Array, c: jax.Array, scale: jax.Array | float, mesh, *,
+                          axes: tuple[str, ...] = ("data", "fsdp"), kind: str = "info_nce", symmetric: bool = False,
+                          valid: jax.Array | None = None, bias: jax.Array | float = 0.0) -> jax.Array:
+  """The contrastive loss over the global batch without a [B, B] matrix anywhere: q, c [B, D] (rows sharded over
+  `axes` of `mesh`, B = n b) stay on their devices; candidate blocks [b, D] travel around the ring of the n
+  devices (`ppermute`), each device computing [b, b] logits blocks (memory O(b x B) per device with the
+  backward pass, never B x B).
+
+  kind "info_nce": equals `info_nce(scale * q @ c.T, symmetric, valid)` (online log-sum-exp over the blocks; the
+  column direction passes the queries around instead); "sigmoid": equals `sigmoid_loss(scale * q @ c.T, bias,
+  valid)`. q and c are used as given (normalise them first for cosine logits)."""
+  if kind not in ("info_nce", "sigmoid"):
+    raise ValueError(f"ring loss kind must be info_nce or sigmoid, got {kind!r}")
+  names, n = _ring_axes(mesh, axes)
+  if q.shape != c.shape or q.ndim != 2:
+    raise ValueError(f"ring loss wants q and c of one shape [B, D], got {q.shape} and {c.shape}")
+  if q.shape[0] % n:
+    raise ValueError(f"ring loss: batch {q.shape[0]} does not split over the {n} devices of axes {names}")
+  valid = jnp.ones(q.shape[0], bool) if valid is None else valid.astype(bool)
+  scale = jnp.asarray(scale, jnp.float32)
+  bias = jnp.asarray(bias, jnp.float32)
+  spec = jax.sharding.PartitionSpec(names)
+
+  def local(q, c, v, scale, bias):
+    i = jax.lax.axis_index(names)
+    b = q.shape[0]
+    eye = jnp.eye(b, dtype=bool)
+
+    def logits(x, y):
+      return scale * (x.astype(jnp.float32) @ y.astype(jnp.float32).T)
+
+    def ce_sum(x, y, vy):  # sum over this device's valid rows of CE(row of x against every y)
+      def step(acc, xb, yb, vb, origin):
+        m, s, pos = acc
+        lg = jnp.where(vb[None, :], logits(xb, yb), _FAR)
+        m_new = jnp.maximum(m, jnp.max(lg, axis=1))
+        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(lg - m_new[:, None]), axis=1)
+        pos = jnp.where(origin == i, jnp.diagonal(lg), pos)
+        return m_new, s, pos
+      init = (jnp.full((b,), _FAR, jnp.float32), jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.float32))
+      m, s, pos = _ring_blocks(x, y, vy, n, names, step, init)
+      return jnp.sum(jnp.where(v, m + jnp.log(s) - pos, 0.0))
+
+    def sig_sum(x, y, vy):
+      def step(acc, xb, yb, vb, origin):
+        z = jnp.where((origin == i) & eye, 1.0, -1.0)
+        t = jax.nn.log_sigmoid(z * (logits(xb, yb) + bias))
+        return acc + jnp.sum(jnp.where(v[:, None] & vb[None, :], t, 0.0))
+      return -_ring_blocks(x, y, vy, n, names, step, jnp.zeros((), jnp.float32))
+
+    count = jnp.maximum(jax.lax.psum(jnp.sum(v), names), 1).astype(jnp.float32)
+    if kind == "sigmoid":
+      return jax.lax.psum(sig_sum(q, c, v), names) / count
+    loss = jax.lax.psum(ce_sum(q, c, v), names) / count
+    if symmetric:
+      loss = 0.5 * (loss + jax.lax.psum(ce_sum(c, q, v), names) / count)
+    return loss
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, jax.sharding.PartitionSpec(),
+                                                   jax.sharding.PartitionSpec()),
+                       out_specs=jax.sharding.PartitionSpec())(q, c, valid, scale, bias)
+
+
 def masked_lm_loss(logits: jax.Array, labels: jax.Array, ignore_index: int = -100) -> jax.Array:
   """Mean token cross-entropy over positions whose label != ignore_index (0 if none)."""
   valid = labels != ignore_index

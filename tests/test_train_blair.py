@@ -103,6 +103,10 @@ def test_loss_goes_down_and_logs(tmp_path):
   assert len(losses) == 4 and losses[-1] < losses[0]
   rows = read_metrics(tmp_path / "w")
   assert {"lr", "grad_norm", "samples_per_s", "tokens_per_s", "mlm_loss", "cl_loss"} <= set(rows[0])
+  # the compiled step's memory, logged once with the first row: the params (+ Adam's two moments) are arguments
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(res.state.params))
+  assert rows[0]["memory/argument_bytes"] >= 3 * 4 * n_params and rows[0]["memory/temp_bytes"] > 0
+  assert rows[0]["memory/peak_bytes"] >= rows[0]["memory/argument_bytes"] and "memory/temp_bytes" not in rows[1]
   assert any(p.name.startswith("events") for p in (tmp_path / "w" / "tensorboard").iterdir())
   assert 0.0 <= res.eval["eval/recall@10"] <= 1.0 and "eval/ndcg@10" in res.eval
   assert 0.0 < res.eval["eval/c4/ndcg@10"] <= 1.0 and res.eval["eval/c4/recall@10"] > 0.0

@@ -269,6 +269,10 @@ class Embed(nn.Module):
     elif self.num_embeddings == 2:
       out = jnp.where((ids == 1)[..., None], table[1], table[0])
     else:
+      # the table gathered whole over the embed axis first (as FSDP gathers every weight before use): looking up
+      # rows of a table sharded on D would give D-sharded activations that SPMD can only turn into the batch
+      # sharding by replicating them ("involuntary full rematerialization" on fsdp meshes)
+      table = constrain(table, (self.axes[0], None))
       out = jnp.take(table, ids, axis=0)
     return out.astype(self.dtype)
 

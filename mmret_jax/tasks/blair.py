@@ -204,34 +204,62 @@ class BlairTask(Task):
       return jnp.minimum(jnp.exp(params["logit_scale"]), 100.0)
     return 1.0 / float(self.config.loss.temp)
 
-  def mask_for_mlm(self, rng, ids):
-    special = jnp.isin(ids, jnp.asarray(self.special_ids))
-    return losses.mask_tokens(rng, ids, special, mask_token_id=int(self.tokenizer.mask_token_id),
-                              vocab_size=self.model_config.vocab_size,
-                              probability=float(self.config.loss.mlm_probability))
+  def contrastive(self, q, c, scale, symmetric: bool, valid=None, normalized: bool = False):
+    """InfoNCE of queries q [B, P] against candidates c [B, P] (cosine logits x scale): dense, or with
+    `loss.impl = ring` through the ring over the data x fsdp devices (no [B, B] matrix; same values)."""
+    impl = str(self.config.loss.get("impl", "dense"))
+    if impl not in ("dense", "ring"):
+      raise ValueError(f"loss.impl must be dense or ring, got {impl!r}")
+    if impl == "ring":
+      if not normalized:
+        q, c = losses.l2_normalize(q.astype(jnp.float32)), losses.l2_normalize(c.astype(jnp.float32))
+      return losses.ring_contrastive_loss(q, c, scale, self.mesh, symmetric=symmetric, valid=valid)
+    logits = (scale * q.astype(jnp.float32) @ c.astype(jnp.float32).T if normalized
+              else losses.cosine_logits(q, c, scale))
+    return losses.info_nce(logits, symmetric=symmetric, valid=valid)
 
-  def mlm_loss(self, params, ids, mask, r_mask, r_drop) -> tuple[jax.Array, dict]:
-    """Seed MLM on masked copies of `ids` (a second encoder pass, dropout on). The vocab head runs
-    only at the labelled positions (a static cap per batch shard, `loss.mlm_max_predictions`; -1 =
-    every position as the seed does): the same loss, without [B, L, vocab] logits. Labelled
-    positions beyond the cap (probability < 1e-7 per shard with the auto cap) are left out of the
-    loss and counted in `mlm_overflow`."""
+  def mask_for_mlm(self, rng, ids, rows=None):
+    """BERT masking of `ids` [N, L]; each row's draw is keyed by its batch row (`rows` [N], default 0..N-1:
+    fold_in(rng, row)), so a row is masked the same whether the batch is split into chunks or not."""
+    rows = jnp.arange(ids.shape[0], dtype=jnp.int32) if rows is None else rows
+    special = jnp.isin(ids, jnp.asarray(self.special_ids))
+    keys = jax.vmap(lambda r: jax.random.fold_in(rng, r))(rows)
+    return jax.vmap(lambda k, x, s: losses.mask_tokens(k, x, s, mask_token_id=int(self.tokenizer.mask_token_id),
+                                                       vocab_size=self.model_config.vocab_size,
+                                                       probability=float(self.config.loss.mlm_probability))
+                    )(keys, ids, special)
+
+  def mlm_terms(self, params, ids, mask, r_mask, r_drop, rows=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Seed MLM on masked copies of `ids` (a second encoder pass, dropout on): (summed token NLL, number of
+    labelled tokens, number of labelled positions left out). The vocab head runs only at the labelled
+    positions (a static cap per batch shard, `loss.mlm_max_predictions`; -1 = every position as the seed
+    does): the same loss, without [B, L, vocab] logits. Labelled positions beyond the cap (probability < 1e-7
+    per shard with the auto cap) are left out of the loss and counted."""
     c = self.config.loss
-    mids, labels = self.mask_for_mlm(r_mask, ids)
+    mids, labels = self.mask_for_mlm(r_mask, ids, rows)
     # One selection group per batch shard: positions never cross devices.
     groups = partitioning.data_parallel_size(self.mesh)
     if ids.shape[0] % groups:
       groups = ids.shape[0]
-    rows = ids.shape[0] // groups
-    cap = losses.mlm_prediction_cap(rows * ids.shape[1], float(c.mlm_probability),
-                                    int(c.mlm_max_predictions), rows=rows)
-    if cap >= rows * ids.shape[1]:  # every position: the seed's [B, L, V] head
+    n = ids.shape[0] // groups
+    cap = losses.mlm_prediction_cap(n * ids.shape[1], float(c.mlm_probability), int(c.mlm_max_predictions), rows=n)
+    if cap >= n * ids.shape[1]:  # every position: the seed's [B, L, V] head
       pos, sel, dropped = None, labels, jnp.zeros((), jnp.int32)
     else:
       pos, sel, dropped = losses.select_mlm_positions(labels, cap, groups)
     out = self.model.apply({"params": params["encoder"]}, mids, mask, deterministic=False,
                            rngs={"dropout": r_drop}, return_mlm_logits=True, mlm_positions=pos)
-    return losses.masked_lm_loss(out["mlm_logits"], sel), {"mlm_overflow": dropped.astype(jnp.float32)}
+    count = jnp.sum(sel != -100).astype(jnp.float32)
+    return losses.masked_lm_loss(out["mlm_logits"], sel) * jnp.maximum(count, 1.0), count, dropped
+
+  def mlm_loss(self, params, ids, mask, r_mask, r_drop) -> tuple[jax.Array, dict]:
+    """The mean MLM token loss of `mlm_terms` and {"mlm_overflow": positions left out}."""
+    nll, count, dropped = self.mlm_terms(params, ids, mask, r_mask, r_drop)
+    return nll / jnp.maximum(count, 1.0), {"mlm_overflow": dropped.astype(jnp.float32)}
+
+  def _uses_mlm(self, train: bool) -> bool:
+    c = self.config.loss
+    return bool(c.do_mlm) and train and float(c.mlm_weight) > 0
 
   def loss_fn(self, params, batch, rng, train: bool = True):
     c = self.config.loss
@@ -240,17 +268,60 @@ class BlairTask(Task):
     mask = jnp.concatenate([batch["review_mask"], batch["meta_mask"]], 0)
     r_drop, r_mask, r_drop2 = jax.random.split(rng, 3)
     z = self.embed(params, ids, mask, r_drop, train=train)
-    logits = losses.cosine_logits(z[:b], z[b:], self.scale(params))
-    cl = losses.info_nce(logits, symmetric=bool(c.symmetric), valid=batch.get("valid"))
+    cl = self.contrastive(z[:b], z[b:], self.scale(params), bool(c.symmetric), batch.get("valid"))
     aux = {"cl_loss": cl, "tokens": mask.sum().astype(jnp.float32)}
     loss = cl
-    if c.do_mlm and train and float(c.mlm_weight) > 0:
+    if self._uses_mlm(train):
       mlm, extra = self.mlm_loss(params, ids, mask, r_mask, r_drop2)
       aux.update(extra, mlm_loss=mlm)
       loss = cl + float(c.mlm_weight) * mlm
     if c.learnable_temp:
       aux["temperature"] = 1.0 / self.scale(params)
     return loss, aux
+
+  def gc_text_sums(self, params, chunk, ids, mask, r_drop2) -> dict:
+    """GradCache per-chunk sums of the text side: token count and (training with MLM) the MLM NLL sum, token
+    count and overflow, its masks keyed by batch row as `loss_fn`'s ([reviews; metas] rows)."""
+    sums = {"tokens": mask.sum().astype(jnp.float32)}
+    if self._uses_mlm(True):
+      rows = jnp.concatenate([chunk["_rows"], chunk["_batch_size"] + chunk["_rows"]])
+      r_mask = jax.random.split(chunk["_step_rng"], 3)[1]
+      nll, count, dropped = self.mlm_terms(params, ids, mask, r_mask, r_drop2, rows)
+      sums.update(mlm_nll=nll, mlm_count=count, mlm_overflow=dropped.astype(jnp.float32))
+    return sums
+
+  def gc_add_mlm(self, loss, aux: dict, sums: dict):
+    """(loss + mlm_weight x MLM mean, aux) from the GradCache sums."""
+    if "mlm_nll" not in sums:
+      return loss, aux
+    mlm = sums["mlm_nll"] / jnp.maximum(sums["mlm_count"], 1.0)
+    aux.update(mlm_loss=mlm, mlm_overflow=sums["mlm_overflow"])
+    return loss + float(self.config.loss.mlm_weight) * mlm, aux
+
+  def grad_cache_parts(self):
+    """`train/grad_cache.Parts` of `loss_fn` (train=True): chunks encode reviews and metas (CLS vectors) and the
+    MLM sums; the contrastive loss (every negative of the batch) and the MLM mean come from those. MLM masks are
+    keyed by batch row (the same as `loss_fn`'s); dropout by chunk."""
+    from mmret_jax.train import grad_cache  # pylint: disable=import-outside-toplevel
+    c = self.config.loss
+
+    def encode(params, chunk, rng):
+      b = chunk["review_ids"].shape[0]
+      ids = jnp.concatenate([chunk["review_ids"], chunk["meta_ids"]], 0)
+      mask = jnp.concatenate([chunk["review_mask"], chunk["meta_mask"]], 0)
+      r_drop, _, r_drop2 = jax.random.split(rng, 3)
+      z = self.embed(params, ids, mask, r_drop, train=True)
+      return {"rows": {"review": z[:b], "meta": z[b:]}, "sums": self.gc_text_sums(params, chunk, ids, mask, r_drop2)}
+
+    def loss(params, reps, batch, rng):
+      del rng
+      r, s = reps["rows"], reps["sums"]
+      cl = self.contrastive(r["review"], r["meta"], self.scale(params), bool(c.symmetric), batch.get("valid"))
+      out, aux = self.gc_add_mlm(cl, {"cl_loss": cl, "tokens": s["tokens"]}, s)
+      if c.learnable_temp:
+        aux["temperature"] = 1.0 / self.scale(params)
+      return out, aux
+    return grad_cache.Parts(encode, loss)
 
   def export(self, params, dst: pathlib.Path) -> None:
     """Writes the trained encoder (with its MLM / `mlp` heads) as a converted dir that `embed`,

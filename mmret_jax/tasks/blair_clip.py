@@ -175,12 +175,12 @@ class BlairClipTask(BlairTask):
     mm, lc = self.config.mm, self.config.loss
     r_towers, r_mask, r_drop2 = jax.random.split(rng, 3)
     t, meta, v, scale, tt_scale = self.towers(params, batch, r_towers, train)
-    clip = losses.info_nce(scale * t.astype(jnp.float32) @ v.astype(jnp.float32).T, symmetric=True)
+    clip = self.contrastive(t, v, scale, True, normalized=True)
     aux = {"clip_loss": clip, "temperature": 1.0 / scale,
            "tokens": (batch["review_mask"].sum() + batch["meta_mask"].sum()).astype(jnp.float32)}
     loss = clip
     if float(mm.text_text_weight) > 0:
-      tt = losses.info_nce(tt_scale * t.astype(jnp.float32) @ meta.astype(jnp.float32).T, symmetric=True)
+      tt = self.contrastive(t, meta, tt_scale, True, normalized=True)
       aux["text_text_loss"] = tt
       loss = loss + float(mm.text_text_weight) * tt
     if lc.do_mlm and train and float(lc.mlm_weight) > 0:
@@ -190,6 +190,37 @@ class BlairClipTask(BlairTask):
       aux.update(extra)
       loss = loss + float(lc.mlm_weight) * aux["mlm_loss"]
     return loss, aux
+
+  def grad_cache_parts(self):
+    """`train/grad_cache.Parts` of `loss_fn` (train=True): chunks encode the normalised review / meta / image
+    vectors (and the MLM sums); the CLIP and text-text losses over the whole batch read the two logit scales
+    from the params themselves."""
+    from mmret_jax.train import grad_cache  # pylint: disable=import-outside-toplevel
+    mm = self.config.mm
+
+    def encode(params, chunk, rng):
+      r_towers, _, r_drop2 = jax.random.split(rng, 3)
+      t, meta, v, _, _ = self.towers(params, chunk, r_towers, True)
+      ids = jnp.concatenate([chunk["review_ids"], chunk["meta_ids"]], 0)
+      mask = jnp.concatenate([chunk["review_mask"], chunk["meta_mask"]], 0)
+      return {"rows": {"review": t, "meta": meta, "image": v},
+              "sums": self.gc_text_sums(params, chunk, ids, mask, r_drop2)}
+
+    def loss(params, reps, batch, rng):
+      del batch, rng
+      r, s = reps["rows"], reps["sums"]
+      h = params["heads"]
+      scale = jnp.minimum(jnp.exp(h["logit_scale"]), 100.0)
+      clip = self.contrastive(r["review"], r["image"], scale, True, normalized=True)
+      aux = {"clip_loss": clip, "temperature": 1.0 / scale, "tokens": s["tokens"]}
+      out = clip
+      if float(mm.text_text_weight) > 0:
+        tt_scale = jnp.minimum(jnp.exp(h["text_text_logit_scale"]), 100.0)
+        tt = self.contrastive(r["review"], r["meta"], tt_scale, True, normalized=True)
+        aux["text_text_loss"] = tt
+        out = out + float(mm.text_text_weight) * tt
+      return self.gc_add_mlm(out, aux, s)
+    return grad_cache.Parts(encode, loss)
 
   # ----------------------------------------------------------------------------- eval
   def evaluate(self, params) -> dict[str, float]:

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from mmret_jax import cli, storage, tasks
 from mmret_jax.train import metrics as metrics_lib
-from mmret_jax.train import optim, partitioning
+from mmret_jax.train import grad_cache, optim, partitioning
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -98,12 +98,37 @@ def _strip_boxes(tree):
                       is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
-def make_train_step(task, tx, accum_steps: int, on_nonfinite: str):
-  """The pure step: (state, batch) -> (state, metrics). Microbatches when accum_steps > 1."""
+def grad_cache_parts(task, chunk_size: int, accum_steps: int = 1):
+  """The task's GradCache split (train/grad_cache.py) when chunk_size > 0, else None; clear errors for tasks
+  without one and for settings that do not combine."""
+  if chunk_size <= 0:
+    return None
+  name = type(task).__name__
+  if not hasattr(task, "grad_cache_parts"):
+    raise ValueError(f"grad_cache.chunk_size={chunk_size}: {name} has no GradCache split (contrastive tasks "
+                     "only); set grad_cache.chunk_size=0")
+  if accum_steps != 1:
+    raise ValueError("grad_cache.chunk_size and grad_accum_steps > 1 do not combine: GradCache already bounds "
+                     "the activations, and keeps every negative of the batch")
+  parts = task.grad_cache_parts()
+  if parts is None:
+    raise ValueError(f"grad_cache.chunk_size={chunk_size}: {name} has no GradCache split in this configuration")
+  return parts
+
+
+def make_train_step(task, tx, accum_steps: int, on_nonfinite: str, grad_cache_chunk: int = 0,
+                    data_parallel: int = 1):
+  """The pure step: (state, batch) -> (state, metrics). Microbatches when accum_steps > 1; GradCache chunks of
+  `grad_cache_chunk` rows when > 0 (the task's `grad_cache_parts`)."""
 
   post_update = getattr(task, "post_update", lambda p: p)  # benchmark tasks may define loss_fn only
+  parts = grad_cache_parts(task, grad_cache_chunk, accum_steps)
 
   def grads_of(params, batch, rng, task_state=None):
+    if parts is not None:
+      if task_state is not None:
+        raise ValueError("grad_cache.chunk_size is not supported for tasks with a task state (queues, momentum)")
+      return grad_cache.value_and_grad(parts, params, batch, rng, grad_cache_chunk, data_parallel)
     kw = {} if task_state is None else {"task_state": task_state}
     # allow_int: integer leaves (a frozen int8 / int4 quantized LLM, models/quant.py) get zero gradients
     out, grads = jax.value_and_grad(task.loss_fn, has_aux=True, allow_int=True)(params, batch, rng, **kw)
@@ -440,7 +465,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> RunResult:
     raise
   task, mngr, writer = setup.task, setup.mngr, setup.writer
   with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.RULES):
-    step_fn = jax.jit(make_train_step(task, setup.tx, accum, config.get("on_nonfinite", "stop")),
+    step_fn = jax.jit(make_train_step(task, setup.tx, accum, config.get("on_nonfinite", "stop"),
+                                      int(config.get("grad_cache", {}).get("chunk_size", 0)), dp),
                       out_shardings=(setup.state_sh, partitioning.replicated(mesh)), donate_argnums=0)
     state, last_eval, interrupted = _run(config, task, setup.state, step_fn, setup.data_iter, mngr, writer,
                                          setup.schedule, mesh, setup.start, setup.total_steps, global_batch,
@@ -539,6 +565,7 @@ def _run(config, task, state, step_fn, data_iter, mngr, writer, schedule, mesh, 
               metrics=metrics, force=True)
 
   done = start
+  memory_row: dict[str, float] = {}
   pbar = tqdm(total=end, initial=start, disable=not is_main, desc=config.task, unit="step", dynamic_ncols=True)
   with _Stopper() as stopper:
     for step in range(start, end):
@@ -549,6 +576,11 @@ def _run(config, task, state, step_fn, data_iter, mngr, writer, schedule, mesh, 
       if shapes not in compiled:
         compiled[shapes] = step_fn.lower(state, gbatch).compile()
         flops[shapes] = metrics_lib.compiled_flops(compiled[shapes])
+        mem = metrics_lib.compiled_memory(compiled[shapes])
+        if mem and is_main:  # into the next logged row, and once to the console
+          memory_row.update(mem)
+          writer.console("compiled step, per device: " + ", ".join(
+              f"{k.split('/')[1]} {v / 2**20:,.1f} MiB" for k, v in mem.items()))
       state, m = compiled[shapes](state, gbatch)
       window_flops = window_flops + flops[shapes] if flops[shapes] and window_flops is not None else None
       if pending is not None:
@@ -568,6 +600,8 @@ def _run(config, task, state, step_fn, data_iter, mngr, writer, schedule, mesh, 
           row["tokens_per_s"] = window_steps * row.pop("tokens") / dt
         if window_flops and peak:
           row["mfu"] = window_flops / dt / peak
+        row.update(memory_row)
+        memory_row.clear()
         writer.write(done, row)
         t0, window_steps, window_flops = time.perf_counter(), 0, 0.0
       eval_now = (eval_every > 0 and done % eval_every == 0) or (done == total_steps and eval_every >= 0)

@@ -40,6 +40,27 @@ def compiled_flops(compiled) -> float | None:
     return None
 
 
+def compiled_memory(compiled) -> dict[str, float]:
+  """Per-device memory of an AOT-compiled function from XLA's memory analysis: {"memory/temp_bytes" (scratch:
+  activations, gradients in flight), "memory/argument_bytes", "memory/output_bytes", "memory/alias_bytes"
+  (outputs donated into arguments), "memory/peak_bytes" (temp + arguments + outputs - aliased)}; {} when the
+  backend reports none."""
+  try:
+    ma = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  # not every backend reports memory
+    return {}
+  if ma is None:
+    return {}
+  if isinstance(ma, (list, tuple)):
+    ma = ma[0]
+  get = lambda name: float(getattr(ma, name, 0) or 0)
+  out = {"memory/temp_bytes": get("temp_size_in_bytes"), "memory/argument_bytes": get("argument_size_in_bytes"),
+         "memory/output_bytes": get("output_size_in_bytes"), "memory/alias_bytes": get("alias_size_in_bytes")}
+  out["memory/peak_bytes"] = (out["memory/temp_bytes"] + out["memory/argument_bytes"] + out["memory/output_bytes"]
+                              - out["memory/alias_bytes"])
+  return out
+
+
 class MetricWriter:
   """Writes scalars to the console, `metrics.jsonl` and TensorBoard event files (process 0 only).
 
