@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import pathlib
 import platform
+import time
 
 # transformers.RobertaConfig values of roberta-base, and a seconds-long smoke size of the same family.
 ROBERTA_SIZES = {
@@ -118,3 +119,18 @@ def run_rounds(run_worker, args, src) -> dict[str, dict]:
         if name.startswith("jax"):
           res[name].setdefault("compile_all", []).append(v["compile_s"])
   return res
+
+
+def timed_steps(fn, warmup: int, steps: int, label: str) -> dict:
+  """`warmup` untimed calls of fn, then `steps` timed ones: {"wall": [s], "cpu": [process s]}, each printed."""
+  for _ in range(warmup):
+    fn()
+  wall, cpu = [], []
+  for i in range(steps):
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    wall.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
+    print(f"  {label} step {i + 1}: {wall[-1]:.2f}s (cpu {cpu[-1]:.1f}s)  [load {os.getloadavg()[0]:.2f}]",
+          flush=True)
+  return {"wall": wall, "cpu": cpu}

@@ -78,7 +78,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # pylint: disable=wrong-import-position
 
-from bench_common import machine_info, print_machine, rss_gb, run_rounds  # pylint: disable=wrong-import-position
+from bench_common import machine_info, print_machine, rss_gb, run_rounds, timed_steps  # pylint: disable=wrong-import-position
 from mmret_jax import xla_cpu  # pylint: disable=wrong-import-position
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -329,20 +329,6 @@ def build_torch(torch, transformers, args, weights: pathlib.Path, device, amp: b
 
 
 # ----------------------------------------------------------------------------- workers
-def _steps(fn, warmup: int, steps: int, label: str) -> dict:
-  for _ in range(warmup):
-    fn()
-  wall, cpu = [], []
-  for i in range(steps):
-    t0, c0 = time.perf_counter(), time.process_time()
-    fn()
-    wall.append(time.perf_counter() - t0)
-    cpu.append(time.process_time() - c0)
-    print(f"  {label} step {i + 1}: {wall[-1]:.2f}s (cpu {cpu[-1]:.1f}s)  [load {os.getloadavg()[0]:.2f}]",
-          flush=True)
-  return {"wall": wall, "cpu": cpu}
-
-
 def jax_worker(args) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   from mmret_jax.tasks.cir import stage1_loss  # pylint: disable=import-outside-toplevel
@@ -387,7 +373,7 @@ def jax_worker(args) -> dict:
   print(f"  [jax] first step {time.perf_counter() - t0:.2f}s: loss {float(m['loss']):.4f} (forward "
         f"{float(m['loss_forward']):.4f}, reversed {float(m['loss_reversed']):.4f}), grad_norm "
         f"{float(m['grad_norm']):.3f}; {rss_gb()}", flush=True)
-  out = {"jax": _steps(step, args.warmup, args.steps, "jax")}
+  out = {"jax": timed_steps(step, args.warmup, args.steps, "jax")}
   out["jax"].update(compile_s=compile_s, build_s=build_s, flops=flops, temp_gb=temp, rss=rss_gb(),
                     loss0=float(m["loss"]), eval_loss=eval_loss, gpu=jax.default_backend() == "gpu")
   return out
@@ -420,7 +406,7 @@ def torch_worker(args) -> dict:
       loss, lf, lr = step(b)
       print(f"  [{name}] first step {time.perf_counter() - t0:.2f}s: loss {loss.item():.4f} (forward {lf.item():.4f}, "
             f"reversed {lr.item():.4f}); {rss_gb()}", flush=True)
-      out[name] = _steps(lambda step=step, b=b: step(b), args.warmup, args.steps, name)
+      out[name] = timed_steps(lambda step=step, b=b: step(b), args.warmup, args.steps, name)
       out[name].update(rss=rss_gb(), loss0=loss.item())
       if name == "torch":
         out[name]["eval_loss"] = ev

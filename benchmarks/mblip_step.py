@@ -56,7 +56,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # pylint: disable=wrong-import-position
 
-from bench_common import load_average, machine_info, print_machine, rss_gb, run_rounds, usable_cpus  # pylint: disable=wrong-import-position
+from bench_common import load_average, machine_info, print_machine, rss_gb, run_rounds, timed_steps, usable_cpus  # pylint: disable=wrong-import-position
 from mmret_jax import xla_cpu  # pylint: disable=wrong-import-position
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -322,20 +322,6 @@ def check_loss(side: str, loss: float, ref: float) -> None:
   if not rel <= REL_TOL:
     raise SystemExit(f"{side}: the initial loss disagrees with the reference ({rel:.2e} > {REL_TOL})")
 
-def _steps(fn, warmup: int, steps: int, label: str) -> dict:
-  for _ in range(warmup):
-    fn()
-  wall, cpu = [], []
-  for i in range(steps):
-    t0, c0 = time.perf_counter(), time.process_time()
-    fn()
-    wall.append(time.perf_counter() - t0)
-    cpu.append(time.process_time() - c0)
-    print(f"  {label} step {i + 1}: {wall[-1]:.2f}s (cpu {cpu[-1]:.1f}s)  [load {os.getloadavg()[0]:.2f}]",
-          flush=True)
-  return {"wall": wall, "cpu": cpu}
-
-
 def jax_worker(args) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   from mmret_jax.train import optim, partitioning  # pylint: disable=import-outside-toplevel
@@ -367,7 +353,7 @@ def jax_worker(args) -> dict:
   m = jax.device_get(step())
   print(f"  [jax] first step {time.perf_counter() - t0:.2f}s: loss {float(m['loss']):.6f}, grad_norm "
         f"{float(m['grad_norm']):.4f}; {rss_gb()}", flush=True)
-  out = {"jax": _steps(step, args.warmup, args.steps, "jax")}
+  out = {"jax": timed_steps(step, args.warmup, args.steps, "jax")}
   out["jax"].update(compile_s=compile_s, build_s=build_s, rss=rss_gb(), loss0=float(m["loss"]),
                     grad_norm0=float(m["grad_norm"]), eval_loss=eval_loss, trainable=trainable)
   return out
@@ -392,7 +378,7 @@ def torch_worker(args) -> dict:
   t0 = time.perf_counter()
   loss = float(step(t).detach())
   print(f"  [torch] first step {time.perf_counter() - t0:.2f}s: loss {loss:.6f}; {rss_gb()}", flush=True)
-  out = {"torch": _steps(lambda: step(t), args.warmup, args.steps, "torch")}
+  out = {"torch": timed_steps(lambda: step(t), args.warmup, args.steps, "torch")}
   out["torch"].update(rss=rss_gb(), loss0=loss, eval_loss=ev, trainable=n_train)
   return out
 

@@ -51,7 +51,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 # `--xla-cpu tuned`: the XLA:CPU flags that `python -m mmret_jax.main` applies by default
 # (mmret_jax/xla_cpu.py); `default` = XLA's own defaults.
-from bench_common import ROBERTA_SIZES, machine_info, print_machine, rss_gb, run_rounds  # pylint: disable=wrong-import-position
+from bench_common import ROBERTA_SIZES, machine_info, print_machine, rss_gb, run_rounds, timed_steps  # pylint: disable=wrong-import-position
 from mmret_jax.xla_cpu import TUNED_XLA_CPU_FLAGS  # pylint: disable=wrong-import-position
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -214,20 +214,6 @@ def build_torch(torch, mlm_model, special_ids, mask_token_id, device, dtype_amp,
 
 
 # ----------------------------------------------------------------------------- workers
-def _steps(fn, warmup: int, steps: int, label: str) -> dict:
-  for _ in range(warmup):
-    fn()
-  wall, cpu = [], []
-  for i in range(steps):
-    t0, c0 = time.perf_counter(), time.process_time()
-    fn()
-    wall.append(time.perf_counter() - t0)
-    cpu.append(time.process_time() - c0)
-    print(f"  {label} step {i + 1}: {wall[-1]:.2f}s (cpu {cpu[-1]:.1f}s)  [load {os.getloadavg()[0]:.2f}]",
-          flush=True)
-  return {"wall": wall, "cpu": cpu}
-
-
 def parse_overrides(pairs) -> dict:
   """["model.attention=fused_qkv", "model.remat=True"] -> {key: Python literal or string}."""
   import ast  # pylint: disable=import-outside-toplevel
@@ -278,7 +264,7 @@ def jax_worker(args) -> dict:
   print(f"  [jax] first step {time.perf_counter() - t0:.2f}s: loss {float(m['loss']):.4f} (cl "
         f"{float(m['cl_loss']):.4f}, mlm {float(m.get('mlm_loss', float('nan'))):.4f}), grad_norm {float(m['grad_norm']):.3f}; "
         f"{rss_gb()}", flush=True)
-  out = {"jax": _steps(step, args.warmup, args.steps, "jax")}
+  out = {"jax": timed_steps(step, args.warmup, args.steps, "jax")}
   out["jax"].update(compile_s=compile_s, build_s=build_s, flops=flops, temp_gb=temp, rss=rss_gb(),
                     loss0=float(m["loss"]), gpu=jax.default_backend() == "gpu",
                     peak=metrics_lib.peak_flops_per_device())
@@ -311,7 +297,7 @@ def torch_worker(args) -> dict:
       loss, cl, ml = step(ids, mask)
       print(f"  [{name}] first step {time.perf_counter() - t0:.2f}s: loss {loss.item():.4f} (cl {cl.item():.4f}, "
             f"mlm {ml.item():.4f}); {rss_gb()}", flush=True)
-      out[name] = _steps(lambda step=step: step(ids, mask), args.warmup, args.steps, name)
+      out[name] = timed_steps(lambda step=step: step(ids, mask), args.warmup, args.steps, name)
       out[name].update(rss=rss_gb(), loss0=loss.item())
     except torch.OutOfMemoryError as e:  # reported, not fatal: the other variant still runs
       print(f"  [{name}] out of device memory at batch {args.batch_size}: {str(e).splitlines()[0]}", flush=True)

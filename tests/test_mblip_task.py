@@ -98,6 +98,28 @@ def _leaves(tree):
   return {optim.path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def _check_two_steps_train_only(task, c, params, trainable: tuple[str, ...]):
+  """Two loop steps on the first 16 rows: the leaves under `trainable` change, every other leaf stays bitwise (and
+  keeps its dtype); returns the state."""
+  tx, _ = optim.make_optimizer(c.optim, 10, task.freeze_patterns())
+  state = loop.make_state(task, tx, params, jax.random.PRNGKey(1))
+  step = jax.jit(loop.make_train_step(task, tx, 1, "stop"))
+  before = _leaves(params)
+  for i in range(2):
+    b = task.train_batch(np.arange(8 * i, 8 * i + 8), 0)
+    b.pop("index")
+    state, m = step(state, b)
+  assert np.isfinite(float(m["loss"]))
+  after = _leaves(state.params)
+  for path, x in before.items():
+    if path.startswith(trainable):
+      assert not np.array_equal(after[path], x), f"{path} did not train"
+    else:
+      assert after[path].dtype == x.dtype
+      np.testing.assert_array_equal(after[path], x, err_msg=f"{path} is frozen")
+  return state
+
+
 @pytest.mark.parametrize("stage", ["warmup", "instruct"])
 def test_each_stage_trains_exactly_its_params(stage, tmp_path):
   c = config(mblip_mt0, f"{stage},smoke", **{"optim.warmup_steps": 0})
@@ -113,23 +135,9 @@ def test_each_stage_trains_exactly_its_params(stage, tmp_path):
     want |= {f"language_model/{s}/block_0/layer_{i}/DenseReluDense/{m}" for s, i in (("encoder", 1), ("decoder", 2))
              for m in ("wi_0", "wi_1", "wo")}
     assert paths == want
-  tx, _ = optim.make_optimizer(c.optim, 10, task.freeze_patterns())
-  state = loop.make_state(task, tx, params, jax.random.PRNGKey(1))
-  step = jax.jit(loop.make_train_step(task, tx, 1, "stop"))
-  before = _leaves(params)
-  for i in range(2):
-    b = task.train_batch(np.arange(8 * i, 8 * i + 8), 0)
-    b.pop("index")
-    state, m = step(state, b)
-  assert np.isfinite(float(m["loss"]))
-  after = _leaves(state.params)
   trainable = {"warmup": ("model/language_projection/",),
                "instruct": ("model/language_projection/", "model/qformer/", "model/query_tokens", "lora/")}[stage]
-  for path, x in before.items():
-    if path.startswith(trainable):
-      assert not np.array_equal(after[path], x), f"{path} did not train"
-    else:
-      np.testing.assert_array_equal(after[path], x, err_msg=f"{path} is frozen in {stage}")
+  _check_two_steps_train_only(task, c, params, trainable)
 
 
 def test_instruct_learning_rates_and_weight_decay_groups():
@@ -260,22 +268,8 @@ def test_int8_llm_instruct_steps_and_loss(tmp_path):
   lf = float(jax.jit(lambda p: fl.loss_fn(p, b, rng, train=False)[0])(deq))
   assert abs(lq - lf) <= 1e-5, (lq, lf)
   # train steps: int8 values and scales bitwise unchanged, the trainable parts move
-  tx, _ = optim.make_optimizer(c8.optim, 10, task.freeze_patterns())
-  state = loop.make_state(task, tx, params, jax.random.PRNGKey(1))
-  step = jax.jit(loop.make_train_step(task, tx, 1, "stop"))
-  before = _leaves(params)
-  for i in range(2):
-    bi = task.train_batch(np.arange(8 * i, 8 * i + 8), 0)
-    bi.pop("index")
-    state, m = step(state, bi)
-  assert np.isfinite(float(m["loss"]))
-  after = _leaves(state.params)
-  for path, x in before.items():
-    if path.startswith(("model/language_projection/", "model/qformer/", "model/query_tokens", "lora/")):
-      assert not np.array_equal(after[path], x), f"{path} did not train"
-    else:
-      assert after[path].dtype == x.dtype
-      np.testing.assert_array_equal(after[path], x, err_msg=f"{path} is frozen")
+  state = _check_two_steps_train_only(task, c8, params, ("model/language_projection/", "model/qformer/",
+                                                          "model/query_tokens", "lora/"))
   # export: the LLM dequantized, the LoRA merged on top
   task.export(state.params, tmp_path / "export")
   _, _, exported, _ = convert.load_any(tmp_path / "export")
