@@ -82,5 +82,6 @@ def cir_config(dataset: str, arg, *, reversed_weight: tuple[float, float], epoch
         name="stage2", init_from_previous=True,
         overrides=(("cir.stage", 2), ("loss.reversed_weight", reversed_weight[1]), ("total_steps", 300),
                    ("optim.learning_rate", 1e-3), ("optim.schedule", "constant"), ("optim.weight_decay", 0.0),
-                   ("optim.no_decay", ()), ("optim.lr_groups", ()))))
+                   ("optim.no_decay", ()), ("optim.lr_groups", ()),
+                   ("grad_cache.chunk_size", 0))))  # stage II: a Combiner on cached features, nothing to chunk
   return c

@@ -370,6 +370,28 @@ class CirTask(Task):
       return stage1_loss(self.text_tower, params, batch, rng, train, scale, weight)
     return stage2_loss(self.combiner, params, batch, rng, train, scale, weight)
 
+  def grad_cache_parts(self):
+    """`train/grad_cache.Parts` of stage I's `loss_fn` (train=True): a chunk encodes its forward and backward
+    captions (`txt_f` / `txt_b` [c, D]); the sum-fusion losses over the whole batch read the cached image features
+    `ref` / `tgt` from the batch. Stage II has no encoder to chunk (the Combiner runs on cached features): an
+    error naming `cir.stage`."""
+    if self.stage != 1:
+      raise ValueError(f"grad_cache.chunk_size > 0 needs cir.stage = 1 (got cir.stage = {self.stage}): stage II "
+                       "trains the Combiner on cached features, with no encoder activations to chunk; set "
+                       "grad_cache.chunk_size=0")
+    from mmret_jax.train import grad_cache  # pylint: disable=import-outside-toplevel
+    c = self.config
+    scale, weight = float(c.cir.logit_scale), float(c.loss.reversed_weight)
+
+    def encode(params, chunk, rng):
+      txt_f, txt_b = stage1_text(self.text_tower, params, chunk, rng, True)
+      return {"rows": {"txt_f": txt_f, "txt_b": txt_b}, "sums": {}}
+
+    def loss(params, reps, batch, rng):
+      del params, rng
+      return stage1_sum_loss(batch, reps["rows"]["txt_f"], reps["rows"]["txt_b"], scale, weight)
+    return grad_cache.Parts(encode, loss)
+
   # --------------------------------------------------------------------------- eval
   def text_features(self, tower_params, texts, batch_size: int | None = None) -> np.ndarray:
     """Raw text features [N, D] of `texts` (eval mode), in fixed-shape batches."""
@@ -420,17 +442,30 @@ class CirTask(Task):
 
 
 # ----------------------------------------------------------------------------- helpers
+def stage1_text(tower: blip.BlipTextTower, params, batch, rng, train: bool) -> tuple[jax.Array, jax.Array]:
+  """Raw text features (txt_f, txt_b) [B, D] of the forward / backward captions `fwd_*` / `bwd_*` [B, L]: one
+  text-encoder pass over both (dropout from `rng` when `train`)."""
+  ids = jnp.concatenate([batch["fwd_ids"], batch["bwd_ids"]], 0)
+  mask = jnp.concatenate([batch["fwd_mask"], batch["bwd_mask"]], 0)
+  txt = tower.apply({"params": params}, ids, mask, deterministic=not train, rngs={"dropout": rng} if train else None)
+  b = batch["fwd_ids"].shape[0]
+  return txt[:b], txt[b:]
+
+
+def stage1_sum_loss(batch, txt_f, txt_b, scale: float = 100.0, weight: float = 0.1):
+  """Forward + weight x reversed loss (element-wise-sum fusion) of the text features txt_f / txt_b [B, D] with the
+  batch's raw image features `ref` / `tgt` [B, D]."""
+  loss_f, loss_r = losses.cir_sum_losses(batch["ref"], batch["tgt"], txt_f, txt_b, scale)
+  return loss_f + weight * loss_r, {"loss_forward": loss_f, "loss_reversed": loss_r}
+
+
 def stage1_loss(tower: blip.BlipTextTower, params, batch, rng, train: bool, scale: float = 100.0,
                 weight: float = 0.1):
   """Stage I: forward + weight x reversed loss with the element-wise-sum fusion. `batch`: raw image
   features `ref` / `tgt` [B, D], caption ids / masks `fwd_*` / `bwd_*` [B, L] (one text-encoder pass
   over both)."""
-  ids = jnp.concatenate([batch["fwd_ids"], batch["bwd_ids"]], 0)
-  mask = jnp.concatenate([batch["fwd_mask"], batch["bwd_mask"]], 0)
-  txt = tower.apply({"params": params}, ids, mask, deterministic=not train, rngs={"dropout": rng} if train else None)
-  b = batch["fwd_ids"].shape[0]
-  loss_f, loss_r = losses.cir_sum_losses(batch["ref"], batch["tgt"], txt[:b], txt[b:], scale)
-  return loss_f + weight * loss_r, {"loss_forward": loss_f, "loss_reversed": loss_r}
+  txt_f, txt_b = stage1_text(tower, params, batch, rng, train)
+  return stage1_sum_loss(batch, txt_f, txt_b, scale, weight)
 
 
 def stage2_loss(model: combiner_lib.Combiner, params, batch, rng, train: bool, scale: float = 100.0,

@@ -16,6 +16,12 @@ pass. CLIP-SF/FF: the in-batch loss, query -> candidate, scale `exp(logit_scale)
 batch. BLIP-SF/FF: momentum encoders (m = 0.995, updated before the momentum pass, as the seed) and
 queues of `uniir.queue_size` live in the train state's `task_state` (saved and resumed with it), soft
 targets with alpha ramped over epoch 0, temperature clamped to [0.001, 0.5] after every update.
+
+Batches: the model inputs of 2B items, queries then their positives (ids / mask [2B, L], pixels
+[2B, H, W, 3], txt_mask / img_mask [2B]), cand_ids / index [B]. With GradCache (`grad_cache.chunk_size` > 0,
+CLIP variants only: `grad_cache_parts`) the same inputs come paired, query and positive on axis 1 (ids / mask
+[B, 2, L], pixels [B, 2, H, W, 3], txt_mask / img_mask [B, 2]) so every field is chunked by pair; `loss_fn`
+takes either layout.
 """
 
 from __future__ import annotations
@@ -97,6 +103,26 @@ class UniIRInputs:
     return {"ids": ids, "mask": mask, "pixels": px, "txt_mask": tm, "img_mask": im}
 
 
+ITEM_FIELDS = ("ids", "mask", "pixels", "txt_mask", "img_mask")
+
+
+def is_paired(batch) -> bool:
+  """Whether a batch has the paired layout (ids [B, 2, L]) rather than the stacked one (ids [2B, L])."""
+  return batch["ids"].ndim == 3
+
+
+def to_paired(items: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Stacked model inputs [2B, ...] (queries then positives) -> paired [B, 2, ...]."""
+  return {k: np.stack(np.split(v, 2), 1) for k, v in items.items()}
+
+
+def model_inputs(batch) -> dict:
+  """The model inputs of a batch as 2N stacked items (queries then positives), from either layout."""
+  if not is_paired(batch):
+    return {k: batch[k] for k in ITEM_FIELDS}
+  return {k: jnp.swapaxes(batch[k], 0, 1).reshape(-1, *batch[k].shape[2:]) for k in ITEM_FIELDS}
+
+
 def _image_path(root: pathlib.Path, rel: str | None) -> str | None:
   return str(root / rel) if rel else None
 
@@ -175,7 +201,8 @@ def scratch_config(c, vocab_size: int) -> uniir.UniIRConfig:
     t5_cfg = None
     if fusion == "ff":
       from mmret_jax.models import t5  # pylint: disable=import-outside-toplevel
-      t5_cfg = t5.T5Config(d_model=width, d_kv=width // heads, d_ff=4 * width, num_layers=2, num_heads=heads)
+      t5_cfg = t5.T5Config(d_model=width, d_kv=width // heads, d_ff=4 * width, num_layers=2, num_heads=heads,
+                           dropout_rate=float(m.dropout))
     return uniir.UniIRConfig(backbone="clip", fusion=fusion, clip=clip.CLIPConfig(text, vision, width), t5=t5_cfg,
                              embed_dim=width)
   vision = vit.ViTConfig(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
@@ -210,6 +237,7 @@ class UniIRTask(Task):
     if str(c.eval.pool) not in pools:
       raise ValueError(f"eval.pool must be one of {pools}, got {c.eval.pool!r}" +
                        (" (both needs eval.out: the command line's pipeline)" if str(c.eval.pool) == "both" else ""))
+    self.paired = int(c.get("grad_cache", {}).get("chunk_size", 0)) > 0  # batches chunked by pair: module doc
     if self.is_blip and int(c.uniir.queue_size) % int(c.batch_size):
       raise ValueError(f"uniir.queue_size {c.uniir.queue_size} must be a multiple of batch_size {c.batch_size} "
                        "(the seed asserts it)")
@@ -320,7 +348,8 @@ class UniIRTask(Task):
                          int(d.prefetch))
 
   def make_batch(self, sel: np.ndarray, epoch: int) -> dict[str, np.ndarray]:
-    """Queries then their drawn positives: text / image arrays for 2B items, the positives' ids."""
+    """Queries then their drawn positives: text / image arrays for 2B items (paired [B, 2, ...] with GradCache),
+    the positives' ids."""
     c = self.config
     seed, mode = int(c.seed), str(c.data.instructions)
     root = self.data.image_root
@@ -342,21 +371,31 @@ class UniIRTask(Task):
       rows = [int(r) for r in self.rows[sel]]
       keys = [(seed, epoch, r, 0) for r in rows] + [(seed, epoch, r, 1) for r in rows]
     out = self.inputs(texts, paths, keys)
+    if self.paired:
+      out = to_paired(out)
     out["cand_ids"] = np.asarray([x.hashed_did for x in dids], np.int32)
     out["index"] = self.rows[sel].copy()
     return out
 
+  def embed(self, params, items: dict, rng, train: bool):
+    """Embeddings [N, D] (unnormalised) of N stacked items (`model_inputs`)."""
+    return self.model.apply({"params": params}, items["ids"], items["mask"], items["pixels"], items["txt_mask"],
+                            items["img_mask"], deterministic=not train, rngs={"dropout": rng} if train else None)
+
+  @staticmethod
+  def inbatch_loss(params, query, cand):
+    """CLIP-SF/FF: (the in-batch loss of query [B, D] -> candidate [B, D] embeddings, aux)."""
+    scale = jnp.exp(params["clip"]["logit_scale"])
+    return losses.uniir_inbatch_loss(query, cand, scale), {"logit_scale": scale}
+
   def loss_fn(self, params, batch, rng, train: bool = True, task_state=None):
     b = batch["cand_ids"].shape[0]
-    encode = lambda p, r: self.model.apply({"params": p}, batch["ids"], batch["mask"], batch["pixels"],
-                                           batch["txt_mask"], batch["img_mask"], deterministic=not train,
-                                           rngs={"dropout": r} if train else None)
+    items = model_inputs(batch)
+    encode = lambda p, r: self.embed(p, items, r, train)
     r1, r2 = jax.random.split(rng)
     emb = encode(params, r1)
     if not self.is_blip:
-      scale = jnp.exp(params["clip"]["logit_scale"])
-      loss = losses.uniir_inbatch_loss(emb[:b], emb[b:], scale)
-      return loss, {"logit_scale": scale}
+      return self.inbatch_loss(params, emb[:b], emb[b:])
     c = self.config.uniir
     temp = jnp.clip(params["temp"], float(c.temp_min), float(c.temp_max))
     ts = task_state
@@ -372,6 +411,29 @@ class UniIRTask(Task):
     new_ts = {"params_m": params_m, "query_queue": queues[0], "cand_queue": queues[1], "id_queue": queues[2],
               "ptr": queues[3], "step": ts["step"] + 1}
     return loss, {"temperature": temp, "alpha": alpha, "task_state": jax.lax.stop_gradient(new_ts)}
+
+  def grad_cache_parts(self):
+    """`train/grad_cache.Parts` of `loss_fn` (train=True), CLIP-SF/FF: chunks of query / positive pairs (the
+    paired batch layout) encode both embeddings; the in-batch loss over the whole batch (every negative) reads
+    the logit scale from the params itself. Dropout is keyed by chunk. BLIP variants: a ValueError."""
+    from mmret_jax.train import grad_cache  # pylint: disable=import-outside-toplevel
+    if self.is_blip:
+      raise ValueError(f"grad_cache.chunk_size > 0 with uniir.variant {self.config.uniir.variant!r}: BLIP-queue "
+                       "variants: negatives come from the queue, GradCache does not apply; set "
+                       "grad_cache.chunk_size=0")
+
+    def encode(params, chunk, rng):
+      if not is_paired(chunk):
+        raise ValueError("UniIR GradCache needs the paired batch layout (ids [B, 2, L]): make_batch gives it "
+                         "when grad_cache.chunk_size > 0")
+      c = chunk["ids"].shape[0]  # pairs
+      emb = self.embed(params, model_inputs(chunk), rng, True)
+      return {"rows": {"query": emb[:c], "cand": emb[c:]}}
+
+    def loss(params, reps, batch, rng):
+      del batch, rng
+      return self.inbatch_loss(params, reps["rows"]["query"], reps["rows"]["cand"])
+    return grad_cache.Parts(encode, loss)
 
   def evaluate(self, params) -> dict[str, float]:
     """The M-BEIR pipeline on `eval.sets` of `eval.split` (`eval.pool` local | union): in memory, or
