@@ -134,3 +134,18 @@ def timed_steps(fn, warmup: int, steps: int, label: str) -> dict:
     print(f"  {label} step {i + 1}: {wall[-1]:.2f}s (cpu {cpu[-1]:.1f}s)  [load {os.getloadavg()[0]:.2f}]",
           flush=True)
   return {"wall": wall, "cpu": cpu}
+
+
+def spawn_worker(script: str, side: str, result_dir, worker_args: list[str], env: dict, tuned: bool = False) -> dict:
+  """Runs `python script --side SIDE --result FILE *worker_args` in a fresh process (its own JAX / torch start-up
+  and flags) and returns the JSON it wrote; with `tuned`, its "jax" entry is returned as "jax_tuned"."""
+  import json  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  import tempfile  # pylint: disable=import-outside-toplevel
+  with tempfile.NamedTemporaryFile("r", suffix=".json", dir=result_dir) as res:
+    rc = subprocess.call([sys.executable, script, "--side", side, "--result", res.name, *worker_args], env=env)
+    if rc:
+      raise SystemExit(f"{side} worker failed with exit status {rc}")
+    out = json.load(res)
+  return {"jax_tuned": out["jax"]} if tuned else out

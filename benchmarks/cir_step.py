@@ -78,7 +78,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # pylint: disable=wrong-import-position
 
-from bench_common import machine_info, print_machine, rss_gb, run_rounds, timed_steps  # pylint: disable=wrong-import-position
+from bench_common import machine_info, print_machine, rss_gb, run_rounds, spawn_worker, timed_steps  # pylint: disable=wrong-import-position
 from mmret_jax import xla_cpu  # pylint: disable=wrong-import-position
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -421,23 +421,15 @@ def torch_worker(args) -> dict:
 
 # ----------------------------------------------------------------------------- driver
 def run_worker(side: str, args, weights: pathlib.Path, xla_tuned: bool = False) -> dict:
-  import json  # pylint: disable=import-outside-toplevel
-  import subprocess  # pylint: disable=import-outside-toplevel
   env = dict(os.environ)
   if side == "jax" and xla_tuned:
     xla_cpu.apply_cpu_defaults(env)  # exactly what `python -m mmret_jax.main` does before JAX starts
-  with tempfile.NamedTemporaryFile("r", suffix=".json", dir=weights.parent) as res:
-    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--side", side, "--weights", str(weights),
-           "--result", res.name, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+  return spawn_worker(str(pathlib.Path(__file__).resolve()), side, weights.parent,
+                      ["--weights", str(weights),
+           "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--size", args.size,
-           "--dtype", args.dtype, "--seed", str(args.seed)] + (["--with-vit"] if args.with_vit else [])
-    rc = subprocess.call(cmd, env=env)
-    if rc:
-      raise SystemExit(f"{side} worker failed with exit status {rc}")
-    out = json.load(res)
-  if side == "jax" and xla_tuned:
-    out = {"jax_tuned": out["jax"]}
-  return out
+           "--dtype", args.dtype, "--seed", str(args.seed)] + (["--with-vit"] if args.with_vit else []),
+                      env, tuned=side == "jax" and xla_tuned)
 
 
 def main(argv=None) -> int:

@@ -56,7 +56,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # pylint: disable=wrong-import-position
 
-from bench_common import load_average, machine_info, print_machine, rss_gb, run_rounds, timed_steps, usable_cpus  # pylint: disable=wrong-import-position
+from bench_common import load_average, machine_info, print_machine, rss_gb, run_rounds, spawn_worker, timed_steps, usable_cpus  # pylint: disable=wrong-import-position
 from mmret_jax import xla_cpu  # pylint: disable=wrong-import-position
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -394,24 +394,17 @@ def wait_for_quiet(max_load: float, max_wait: float, poll: float = 15.0) -> floa
 
 
 def run_worker(side: str, args, weights: pathlib.Path, xla_tuned: bool = False) -> dict:
-  import subprocess  # pylint: disable=import-outside-toplevel
   waited = wait_for_quiet(args.max_load, args.max_wait)
   print(f"  [{side}] starting after {waited:.0f}s of waiting, load {load_average()}", flush=True)
   env = dict(os.environ)
   if side == "jax" and xla_tuned:
     xla_cpu.apply_cpu_defaults(env)  # exactly what `python -m mmret_jax.main` does before JAX starts
-  with tempfile.NamedTemporaryFile("r", suffix=".json", dir=weights.parent) as res:
-    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--side", side, "--weights", str(weights),
-           "--result", res.name, "--batch-size", str(args.batch_size), "--prompt", str(args.prompt),
+  return spawn_worker(str(pathlib.Path(__file__).resolve()), side, weights.parent,
+                      ["--weights", str(weights),
+           "--batch-size", str(args.batch_size), "--prompt", str(args.prompt),
            "--label", str(args.label), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--size", args.size, "--seed", str(args.seed), "--ref-loss", repr(args.ref_loss)] + (["--no-dropout"] if args.no_dropout else [])
-    rc = subprocess.call(cmd, env=env)
-    if rc:
-      raise SystemExit(f"{side} worker failed with exit status {rc}")
-    out = json.load(res)
-  if side == "jax" and xla_tuned:
-    out = {"jax_tuned": out["jax"]}
-  return out
+           "--size", args.size, "--seed", str(args.seed), "--ref-loss", repr(args.ref_loss)] + (["--no-dropout"] if args.no_dropout else []),
+                      env, tuned=side == "jax" and xla_tuned)
 
 
 def main(argv=None) -> int:

@@ -51,7 +51,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 # `--xla-cpu tuned`: the XLA:CPU flags that `python -m mmret_jax.main` applies by default
 # (mmret_jax/xla_cpu.py); `default` = XLA's own defaults.
-from bench_common import ROBERTA_SIZES, machine_info, print_machine, rss_gb, run_rounds, timed_steps  # pylint: disable=wrong-import-position
+from bench_common import ROBERTA_SIZES, machine_info, print_machine, rss_gb, run_rounds, spawn_worker, timed_steps  # pylint: disable=wrong-import-position
 from mmret_jax.xla_cpu import TUNED_XLA_CPU_FLAGS  # pylint: disable=wrong-import-position
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -310,24 +310,16 @@ def torch_worker(args) -> dict:
 
 # ----------------------------------------------------------------------------- driver
 def run_worker(side: str, args, hf_dir: pathlib.Path, xla_tuned: bool = False) -> dict:
-  import json  # pylint: disable=import-outside-toplevel
-  import subprocess  # pylint: disable=import-outside-toplevel
   env = dict(os.environ)
   if xla_tuned:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + TUNED_XLA_CPU_FLAGS).strip()
-  with tempfile.NamedTemporaryFile("r", suffix=".json", dir=hf_dir.parent) as res:
-    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--side", side, "--hf-dir", str(hf_dir),
-           "--result", res.name, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+  return spawn_worker(str(pathlib.Path(__file__).resolve()), side, hf_dir.parent,
+                      ["--hf-dir", str(hf_dir),
+           "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--size", args.size,
            "--dtype", args.dtype, "--seed", str(args.seed)] + (["--no-mlm"] if args.no_mlm else []) \
-        + [a for kv in args.set for a in ("--set", kv)]
-    rc = subprocess.call(cmd, env=env)
-    if rc:
-      raise SystemExit(f"{side} worker failed with exit status {rc}")
-    out = json.load(res)
-  if side == "jax" and xla_tuned:
-    out = {"jax_tuned": out["jax"]}
-  return out
+        + [a for kv in args.set for a in ("--set", kv)],
+                      env, tuned=side == "jax" and xla_tuned)
 
 
 def main(argv=None) -> int:
