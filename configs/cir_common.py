@@ -28,7 +28,9 @@ def cir_config(dataset: str, arg, *, reversed_weight: tuple[float, float], epoch
   c.tokenizer = ""                # with a .pth: a bert-base-uncased tokenizer dir ([DEC]/[ENC] are added)
   c.cir = ml_collections.ConfigDict(dict(stage=stage, logit_scale=100.0, projection_dim=2560, hidden_dim=5120,
                                          combiner_dropout=0.5))
-  c.loss = ml_collections.ConfigDict(dict(reversed_weight=0.0 if a.baseline else reversed_weight[stage - 1]))
+  # impl (stage I): dense | ring (losses.ring_cross_entropy over the data x fsdp devices: the same loss, no [B, B])
+  c.loss = ml_collections.ConfigDict(dict(reversed_weight=0.0 if a.baseline else reversed_weight[stage - 1],
+                                          impl="dense"))
   c.model = ml_collections.ConfigDict(dict(
       dtype="bfloat16", remat=False, dropout=0.1,  # BLIP med_config dropout (stage I text encoder)
       # sizes of a from-scratch BLIP (init_from = ""; `:smoke`)

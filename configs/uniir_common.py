@@ -27,6 +27,9 @@ def uniir_config(variant: str, arg, *, per_device_batch: int, init_from: str):
   c.tokenizer = ""
   c.uniir = ml_collections.ConfigDict(dict(variant=variant, queue_size=57960, momentum=0.995, alpha=0.4,
                                            temp_min=0.001, temp_max=0.5))
+  # impl (CLIP variants): dense | ring (losses.ring_cross_entropy over the data x fsdp devices: the same loss, no
+  # [B, B] logits); the BLIP variants' negatives come from the queue (dense only)
+  c.loss = ml_collections.ConfigDict(dict(impl="dense"))
   c.model = ml_collections.ConfigDict(dict(dtype="bfloat16", remat=False, dropout=0.0,
                                            width=768, layers=12, heads=12, patch_size=14, vocab_size=1000))
   c.data = ml_collections.ConfigDict(dict(

@@ -52,6 +52,11 @@ def info_nce(logits: jax.Array, symmetric: bool = False, valid: jax.Array | None
   return loss
 
 
+def _diag_ce(logits: jax.Array) -> jax.Array:
+  """Mean CE of the rows of [B, B] logits with the diagonal as targets."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.arange(logits.shape[0])).mean()
+
+
 def sigmoid_loss(logits: jax.Array, bias: jax.Array | float = 0.0, valid: jax.Array | None = None) -> jax.Array:
   """SigLIP's pairwise sigmoid loss: -sum_ij log sigmoid(z_ij (logits_ij + bias)) / (valid rows), z = +1 on the
   diagonal, -1 elsewhere; pairs with an invalid row or column are left out."""
@@ -76,24 +81,78 @@ def _ring_axes(mesh, axes) -> tuple[tuple[str, ...], int]:
   return names, math.prod(mesh.shape[a] for a in names)
 
 
-def _ring_blocks(x, y, vy, n, axes, step_fn, init):
-  """Runs `step_fn(carry, x, y_block, vy_block, origin)` for the n candidate blocks of the ring: this device's
-  block first, then each block passed on by `ppermute` (device k sends to k + 1, so at step t a device holds
-  the block of device i - t). One [b, b] logits block is alive at a time, forward and backward."""
+def _ring_blocks(x, travel, n, axes, step_fn, init):
+  """Runs `step_fn(carry, x, *travel_block, origin)` for the n blocks of the ring: this device's `travel` block
+  first (a pytree: the candidate rows and their valid mask), then each block passed on by `ppermute` (device k
+  sends to k + 1, so at step t a device holds the block of device i - t). One [b, b] logits block is alive at a
+  time, forward and backward."""
   i = jax.lax.axis_index(axes)
   perm = [(k, (k + 1) % n) for k in range(n)]
 
   # rematerialised: the backward pass recomputes each step's [b, b] block from the carry instead of storing n of
-  # them, so what is kept per step is the travelling block [b, D] and the [b] accumulators
+  # them, so what is kept per step is the travelling block and the [b] accumulators
   @jax.checkpoint
   def body(carry, t):
-    acc, yb, vb = carry
-    acc = step_fn(acc, x, yb, vb, (i - t) % n)
-    yb, vb = jax.lax.ppermute((yb, vb), axes, perm)
-    return (acc, yb, vb), None
+    acc, block = carry
+    acc = step_fn(acc, x, *block, (i - t) % n)
+    return (acc, jax.lax.ppermute(block, axes, perm)), None
   init = jax.tree.map(lambda a: jax.lax.pcast(a, axes, to="varying"), init)  # per-device accumulators
-  (acc, _, _), _ = jax.lax.scan(body, (init, y, vy), jnp.arange(n))
+  (acc, _), _ = jax.lax.scan(body, (init, travel), jnp.arange(n))
   return acc
+
+
+def _ring_rows(mesh, axes, rows) -> tuple[tuple[str, ...], int, int]:
+  """(axis names, ring size n, global rows B) of the row-sharded pytree `rows`, checked."""
+  names, n = _ring_axes(mesh, axes)
+  sizes = {x.shape[0] for x in jax.tree.leaves(rows)}
+  if len(sizes) != 1:
+    raise ValueError(f"ring loss: every row input needs the same number of rows, got {sorted(sizes)}")
+  (b,) = sizes
+  if b % n:
+    raise ValueError(f"ring loss: batch {b} does not split over the {n} devices of axes {names}")
+  return names, n, b
+
+
+def _ring_ce_sum(logits_fn, x, y, v, vy, consts, n, names):
+  """Inside the ring: the sum over this device's valid rows a of CE(L[a, :], target a), L[a, j] =
+  logits_fn(x rows, y rows, *consts) with invalid columns left out (an online log-sum-exp over the blocks)."""
+  i = jax.lax.axis_index(names)
+  b = v.shape[0]
+
+  def step(acc, xb, yb, vb, origin):
+    m, s, pos = acc
+    lg = jnp.where(vb[None, :], logits_fn(xb, yb, *consts).astype(jnp.float32), _FAR)
+    m_new = jnp.maximum(m, jnp.max(lg, axis=1))
+    s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(lg - m_new[:, None]), axis=1)
+    pos = jnp.where(origin == i, jnp.diagonal(lg), pos)
+    return m_new, s, pos
+  init = (jnp.full((b,), _FAR, jnp.float32), jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.float32))
+  m, s, pos = _ring_blocks(x, (y, vy), n, names, step, init)
+  return jnp.sum(jnp.where(v, m + jnp.log(s) - pos, 0.0))
+
+
+def _dot_logits(x, y, scale):
+  """scale x @ y.T in float32 (the scale applied to x first, as the dense losses always did)."""
+  return (scale * x.astype(jnp.float32)) @ y.astype(jnp.float32).T
+
+
+def ring_cross_entropy(logits_fn, x, y, mesh, *, consts=(), axes: tuple[str, ...] = ("data", "fsdp"),
+                       valid: jax.Array | None = None) -> jax.Array:
+  """Mean over the valid rows a of CE(L[a, :], target a) for any logits L[a, j] = logits_fn(x_a, y_j, *consts)
+  that a block of rows can compute ([b, ...] pytree x, [b', ...] pytree y -> [b, b'] float32), without L: x and y
+  are pytrees of [B, ...] arrays with rows sharded over `axes` of `mesh`; each device keeps its x rows and the y
+  blocks travel around the ring (`ppermute`), one [b, b] block alive at a time, forward and backward. `consts`:
+  arrays every device sees whole (a learnable scale). `valid` [B]: rows (and the matching columns) that take part.
+  Equals `info_nce(L, valid=valid)` (one direction)."""
+  names, n, rows = _ring_rows(mesh, axes, (x, y))
+  valid = jnp.ones(rows, bool) if valid is None else valid.astype(bool)
+  consts = tuple(jnp.asarray(k, jnp.float32) for k in consts)
+  rep, spec = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(names)
+
+  def local(x, y, v, consts):
+    count = jnp.maximum(jax.lax.psum(jnp.sum(v), names), 1).astype(jnp.float32)
+    return jax.lax.psum(_ring_ce_sum(logits_fn, x, y, v, v, consts, n, names), names) / count
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, rep), out_specs=rep)(x, y, valid, consts)
 
 
 def ring_contrastive_loss(q: jax.Array, c: jax.Array, scale: jax.Array | float, mesh, *,
@@ -104,59 +163,35 @@ def ring_contrastive_loss(q: jax.Array, c: jax.Array, scale: jax.Array | float, 
   devices (`ppermute`), each device computing [b, b] logits blocks (memory O(b x B) per device with the
   backward pass, never B x B).
 
-  kind "info_nce": equals `info_nce(scale * q @ c.T, symmetric, valid)` (online log-sum-exp over the blocks; the
-  column direction passes the queries around instead); "sigmoid": equals `sigmoid_loss(scale * q @ c.T, bias,
-  valid)`. q and c are used as given (normalise them first for cosine logits)."""
+  kind "info_nce": equals `info_nce(scale * q @ c.T, symmetric, valid)` (`ring_cross_entropy`; the column
+  direction passes the queries around instead); "sigmoid": equals `sigmoid_loss(scale * q @ c.T, bias, valid)`.
+  q and c are used as given (normalise them first for cosine logits)."""
   if kind not in ("info_nce", "sigmoid"):
     raise ValueError(f"ring loss kind must be info_nce or sigmoid, got {kind!r}")
-  names, n = _ring_axes(mesh, axes)
   if q.shape != c.shape or q.ndim != 2:
     raise ValueError(f"ring loss wants q and c of one shape [B, D], got {q.shape} and {c.shape}")
-  if q.shape[0] % n:
-    raise ValueError(f"ring loss: batch {q.shape[0]} does not split over the {n} devices of axes {names}")
-  valid = jnp.ones(q.shape[0], bool) if valid is None else valid.astype(bool)
-  scale = jnp.asarray(scale, jnp.float32)
-  bias = jnp.asarray(bias, jnp.float32)
-  spec = jax.sharding.PartitionSpec(names)
+  if kind == "info_nce":
+    loss = ring_cross_entropy(_dot_logits, q, c, mesh, consts=(scale,), axes=axes, valid=valid)
+    if symmetric:
+      loss = 0.5 * (loss + ring_cross_entropy(_dot_logits, c, q, mesh, consts=(scale,), axes=axes, valid=valid))
+    return loss
+  names, n, rows = _ring_rows(mesh, axes, (q, c))
+  valid = jnp.ones(rows, bool) if valid is None else valid.astype(bool)
+  rep, spec = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(names)
 
   def local(q, c, v, scale, bias):
     i = jax.lax.axis_index(names)
-    b = q.shape[0]
-    eye = jnp.eye(b, dtype=bool)
+    eye = jnp.eye(q.shape[0], dtype=bool)
 
-    def logits(x, y):
-      return scale * (x.astype(jnp.float32) @ y.astype(jnp.float32).T)
-
-    def ce_sum(x, y, vy):  # sum over this device's valid rows of CE(row of x against every y)
-      def step(acc, xb, yb, vb, origin):
-        m, s, pos = acc
-        lg = jnp.where(vb[None, :], logits(xb, yb), _FAR)
-        m_new = jnp.maximum(m, jnp.max(lg, axis=1))
-        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(lg - m_new[:, None]), axis=1)
-        pos = jnp.where(origin == i, jnp.diagonal(lg), pos)
-        return m_new, s, pos
-      init = (jnp.full((b,), _FAR, jnp.float32), jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.float32))
-      m, s, pos = _ring_blocks(x, y, vy, n, names, step, init)
-      return jnp.sum(jnp.where(v, m + jnp.log(s) - pos, 0.0))
-
-    def sig_sum(x, y, vy):
-      def step(acc, xb, yb, vb, origin):
-        z = jnp.where((origin == i) & eye, 1.0, -1.0)
-        t = jax.nn.log_sigmoid(z * (logits(xb, yb) + bias))
-        return acc + jnp.sum(jnp.where(v[:, None] & vb[None, :], t, 0.0))
-      return -_ring_blocks(x, y, vy, n, names, step, jnp.zeros((), jnp.float32))
-
+    def step(acc, xb, yb, vb, origin):
+      z = jnp.where((origin == i) & eye, 1.0, -1.0)
+      t = jax.nn.log_sigmoid(z * (_dot_logits(xb, yb, scale) + bias))
+      return acc + jnp.sum(jnp.where(v[:, None] & vb[None, :], t, 0.0))
     count = jnp.maximum(jax.lax.psum(jnp.sum(v), names), 1).astype(jnp.float32)
-    if kind == "sigmoid":
-      return jax.lax.psum(sig_sum(q, c, v), names) / count
-    loss = jax.lax.psum(ce_sum(q, c, v), names) / count
-    if symmetric:
-      loss = 0.5 * (loss + jax.lax.psum(ce_sum(c, q, v), names) / count)
-    return loss
+    return -jax.lax.psum(_ring_blocks(q, (c, v), n, names, step, jnp.zeros((), jnp.float32)), names) / count
 
-  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, jax.sharding.PartitionSpec(),
-                                                   jax.sharding.PartitionSpec()),
-                       out_specs=jax.sharding.PartitionSpec())(q, c, valid, scale, bias)
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, rep, rep), out_specs=rep)(
+      q, c, valid, jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32))
 
 
 def masked_lm_loss(logits: jax.Array, labels: jax.Array, ignore_index: int = -100) -> jax.Array:
@@ -234,25 +269,28 @@ def element_wise_sum(image: jax.Array, text: jax.Array) -> jax.Array:
   return l2_normalize(image.astype(jnp.float32) + text.astype(jnp.float32))
 
 
-def cir_sum_losses(ref: jax.Array, tgt: jax.Array, txt_f: jax.Array, txt_b: jax.Array,
-                   scale: float = 100.0) -> tuple[jax.Array, jax.Array]:
-  """Stage I (element-wise sum fusion): (forward loss, reversed loss).
+def _cir_reversed_logits(x, t_n, scale):
+  """Stage-I reversed logits [a, b] = scale <n(t_b + w_a), r_a> of x = (r_n [a, D] the normalised reference
+  features, w [a, D] the backward captions' raw text features) and t_n [b, D] the normalised targets, from dot
+  products: (<t_b, r_a> + <w_a, r_a>) / max(|t_b + w_a|, 1e-12) with |t_b + w_a|^2 = |t_b|^2 + |w_a|^2 +
+  2 <t_b, w_a>, without the [a, b, D] tensor."""
+  r_n, w = x
+  num = r_n @ t_n.T + jnp.sum(w * r_n, axis=-1, keepdims=True)
+  sq = jnp.sum(t_n * t_n, -1)[None, :] + jnp.sum(w * w, -1, keepdims=True) + 2.0 * w @ t_n.T
+  return scale * num / jnp.maximum(jnp.sqrt(jnp.maximum(sq, 0.0)), 1e-12)
 
-  The reversed logits need n(n(tgt_b) + txt_b_a) for every (a, b): computed from dot products,
-  <n(t_b + w_a), r_a> = (<t_b, r_a> + <w_a, r_a>) / max(|t_b + w_a|, 1e-12) with
-  |t_b + w_a|^2 = |t_b|^2 + |w_a|^2 + 2 <t_b, w_a>, without the [B, B, D] tensor.
-  """
+
+def cir_sum_losses(ref: jax.Array, tgt: jax.Array, txt_f: jax.Array, txt_b: jax.Array,
+                   scale: float = 100.0, mesh=None) -> tuple[jax.Array, jax.Array]:
+  """Stage I (element-wise sum fusion): (forward loss, reversed loss); `_cir_reversed_logits` for the latter.
+  With a `mesh`, both through the ring over its data x fsdp devices (`ring_cross_entropy`: the target blocks
+  travel, no [B, B] matrix), with the same values."""
   ref, tgt, txt_f, txt_b = (x.astype(jnp.float32) for x in (ref, tgt, txt_f, txt_b))
-  t_n = l2_normalize(tgt)
-  labels = jnp.arange(ref.shape[0])
-  ce = lambda logits: optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-  loss_f = ce(scale * element_wise_sum(ref, txt_f) @ t_n.T)
-  r_n = l2_normalize(ref)
-  num = r_n @ t_n.T + jnp.sum(txt_b * r_n, axis=-1, keepdims=True)                   # [a, b]
-  sq = (jnp.sum(t_n * t_n, -1)[None, :] + jnp.sum(txt_b * txt_b, -1, keepdims=True)
-        + 2.0 * txt_b @ t_n.T)
-  norm = jnp.maximum(jnp.sqrt(jnp.maximum(sq, 0.0)), 1e-12)
-  return loss_f, ce(scale * num / norm)
+  t_n, query, x_r = l2_normalize(tgt), element_wise_sum(ref, txt_f), (l2_normalize(ref), txt_b)
+  if mesh is not None:
+    return (ring_cross_entropy(_dot_logits, query, t_n, mesh, consts=(scale,)),
+            ring_cross_entropy(_cir_reversed_logits, x_r, t_n, mesh, consts=(scale,)))
+  return _diag_ce(_dot_logits(query, t_n, scale)), _diag_ce(_cir_reversed_logits(x_r, t_n, scale))
 
 
 def cir_combiner_losses(combine, ref: jax.Array, tgt: jax.Array, txt_f: jax.Array, txt_b: jax.Array,
@@ -275,11 +313,14 @@ def cir_combiner_losses(combine, ref: jax.Array, tgt: jax.Array, txt_f: jax.Arra
 # `blip_sf.py::compute_contrastive_loss`, `_dequeue_and_enqueue`, `_momentum_update` (BLIP variants).
 
 
-def uniir_inbatch_loss(query: jax.Array, cand: jax.Array, scale: jax.Array | float) -> jax.Array:
+def uniir_inbatch_loss(query: jax.Array, cand: jax.Array, scale: jax.Array | float, mesh=None) -> jax.Array:
   """CLIP-SF/FF: CE(scale * n(q) n(p)^T, diagonal), query -> candidate only. Under `jit` the
-  candidates are the global batch: the seed's all-gather of the positives (with gradient)."""
-  logits = scale * l2_normalize(query.astype(jnp.float32)) @ l2_normalize(cand.astype(jnp.float32)).T
-  return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.arange(query.shape[0])).mean()
+  candidates are the global batch: the seed's all-gather of the positives (with gradient). With a `mesh`, through
+  the ring over its data x fsdp devices (`ring_cross_entropy`), with the same value."""
+  q, c = l2_normalize(query.astype(jnp.float32)), l2_normalize(cand.astype(jnp.float32))
+  if mesh is not None:
+    return ring_cross_entropy(_dot_logits, q, c, mesh, consts=(scale,))
+  return _diag_ce(_dot_logits(q, c, scale))
 
 
 def uniir_queue_loss(query: jax.Array, cand: jax.Array, query_m: jax.Array, cand_m: jax.Array, cand_ids: jax.Array,
@@ -347,11 +388,6 @@ def tokenwise_similarity(q: jax.Array, d: jax.Array) -> jax.Array:
   """
   s = jnp.einsum("aie,bje->abij", q.astype(jnp.float32), d.astype(jnp.float32))
   return s.max(-1).sum(-1)
-
-
-def _diag_ce(logits: jax.Array) -> jax.Array:
-  """Mean CE of the rows of [B, B] logits with the diagonal as targets."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.arange(logits.shape[0])).mean()
 
 
 def bagformer_twc_loss_with_scores(text_bags: jax.Array, image_tokens: jax.Array,

@@ -1,8 +1,10 @@
 """Contrastive training beyond memory on 8 simulated CPU devices (data 4 x fsdp 2): the dense loss, the ring loss
 (losses.ring_contrastive_loss: no [B, B] matrix) and GradCache (train/grad_cache.py), alone and together, give
-the same losses every step (fp32; only the order of reductions differs) for BLaIR and BLaIR-CLIP through the
-real loop; a ring + GradCache run stopped and resumed is bitwise equal to an uninterrupted one. The ring loss
-itself equals the dense InfoNCE / sigmoid losses and their gradients (masks, both directions)."""
+the same losses every step (fp32; only the order of reductions differs) for BLaIR, BLaIR-CLIP, Bi-BLIP4CIR
+stage I and UniIR CLIP-SF through the real loop; a ring + GradCache run stopped and resumed is bitwise equal to an
+uninterrupted one. The ring loss itself equals the dense InfoNCE / sigmoid losses and their gradients (masks,
+both directions), and so do the CIR stage-I losses (forward and reversed) and UniIR's in-batch loss built on
+`losses.ring_cross_entropy`."""
 
 from __future__ import annotations
 
@@ -50,6 +52,30 @@ SCRIPT = textwrap.dedent("""
                     [float(jnp.abs(a - b).max() / jnp.abs(b).max()) for a, b in zip(gr, gd)])
           worst = max(worst, rel)
     out["ring_vs_dense_rel"] = worst
+    # ... and the multimodal losses written on ring_cross_entropy: CIR stage I (forward + reversed sum fusion, its
+    # reversed logits are not a dot product) and UniIR's one-way in-batch loss
+    ref, tgt, tf, tbw = (jnp.asarray(rng.standard_normal((16, 8)), jnp.float32) for _ in range(4))
+    def rel(ring_out, dense_out):
+      (lr, gr), (ld, gd) = ring_out, dense_out
+      return max([float(jnp.abs(a - b).max() / jnp.abs(b).max()) for a, b in zip(lr, ld)] +
+                 [float(jnp.abs(a - b).max() / jnp.abs(b).max()) for a, b in zip(gr, gd)])
+    def cir(m):
+      def f(ref, tgt, tf, tbw):
+        lf, lrv = losses.cir_sum_losses(ref, tgt, tf, tbw, 100.0, m)
+        return lf + 0.7 * lrv, (lf, lrv)
+      return f
+    def vg(fn, args, m=None):
+      if m is None:
+        (_, parts), g = jax.value_and_grad(fn, argnums=tuple(range(len(args))), has_aux=True)(*args)
+        return parts, g
+      with jax.set_mesh(m):
+        (_, parts), g = jax.jit(jax.value_and_grad(fn, argnums=tuple(range(len(args))), has_aux=True))(*args)
+      return parts, g
+    out["cir_ring_vs_dense_rel"] = rel(vg(cir(mesh), (ref, tgt, tf, tbw), mesh), vg(cir(None), (ref, tgt, tf, tbw)))
+    def uni(m):
+      return lambda q, c, s: (lambda l: (l, (l,)))(losses.uniir_inbatch_loss(q, c, s, m))
+    out["uniir_ring_vs_dense_rel"] = rel(vg(uni(mesh), (q, c, 20.0), mesh), vg(uni(None), (q, c, 20.0)))
+    out["cir_loss"] = float(losses.cir_sum_losses(ref, tgt, tf, tbw)[1])
     # 2. BLaIR and BLaIR-CLIP through the loop
     mesh_over = {{"mesh.data": 4, "mesh.fsdp": 2}}
     variants = {{"dense": {{}}, "ring": {{"loss.impl": "ring"}}, "gc": {{"grad_cache.chunk_size": 8}},
@@ -68,6 +94,18 @@ SCRIPT = textwrap.dedent("""
     for name in ("dense", "ring_gc"):
       loop.train_and_evaluate(tbc.tiny_config(clip_data, **mesh_over, **variants[name]), tmp / ("clip_" + name))
       out["clip_" + name] = tbc.losses_of(tmp / ("clip_" + name))
+    # 3. CIR stage I and UniIR CLIP-SF through the loop: dense vs ring (and with GradCache)
+    import cir_cirr, test_cir_task as tcir, test_uniir_task as tuni
+    for name in ("dense", "ring", "ring_gc"):
+      c = tcir.tiny(cir_cirr, tmp, total_steps=6, log_every=1, eval_every=-1, batch_size=16, **mesh_over,
+                    **variants[name])
+      loop.train_and_evaluate(c, tmp / ("cir_" + name))
+      out["cir_" + name] = tcir.losses_of(tmp / ("cir_" + name))
+    for name in ("dense", "ring_gc"):
+      c = tuni.tiny("clip_sf", tmp, total_steps=4, log_every=1, eval_every=-1, batch_size=16, **mesh_over,
+                    **variants[name])
+      loop.train_and_evaluate(c, tmp / ("uniir_" + name))
+      out["uniir_" + name] = tuni.losses_of(tmp / ("uniir_" + name))
     print("RESULT" + json.dumps(out))
 """)
 
@@ -85,3 +123,26 @@ def test_dense_ring_and_grad_cache_agree_on_8_devices(tmp_path):
   assert out["blair_resumed"] == out["blair_ring_gc"]  # every logged loss, exactly
   assert len(out["clip_dense"]) == 4
   np.testing.assert_allclose(out["clip_ring_gc"], out["clip_dense"], rtol=0, atol=LOSS_ATOL)
+  assert out["cir_ring_vs_dense_rel"] <= 1e-5 and out["uniir_ring_vs_dense_rel"] <= 1e-5, out
+  assert out["cir_loss"] > 0.1  # the reversed term is informative at these random inputs (not a trivial zero)
+  assert len(out["cir_dense"]) == 6 and len(out["uniir_dense"]) == 4
+  for name in ("cir_ring", "cir_ring_gc"):
+    np.testing.assert_allclose(out[name], out["cir_dense"], rtol=0, atol=LOSS_ATOL, err_msg=name)
+  np.testing.assert_allclose(out["uniir_ring_gc"], out["uniir_dense"], rtol=0, atol=LOSS_ATOL)
+
+
+def test_ring_settings_are_clear_errors(tmp_path):
+  import jax  # pylint: disable=import-outside-toplevel
+  import pytest  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, str(REPO / "tests"))
+  import test_cir_task as tcir  # pylint: disable=import-outside-toplevel
+  import test_uniir_task as tuni  # pylint: disable=import-outside-toplevel
+  from mmret_jax.tasks.cir import CirTask  # pylint: disable=import-outside-toplevel
+  from mmret_jax.train.partitioning import make_mesh  # pylint: disable=import-outside-toplevel
+  mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  with pytest.raises(ValueError, match=r"loss.impl=ring needs cir.stage = 1.*set loss.impl=dense"):
+    CirTask(tcir.tiny(tcir.cir_cirr, tmp_path, **{"cir.stage": 2, "loss.impl": "ring"}), mesh, tmp_path / "w")
+  with pytest.raises(ValueError, match="loss.impl must be dense or ring, got 'rign'"):
+    CirTask(tcir.tiny(tcir.cir_cirr, tmp_path, **{"loss.impl": "rign"}), mesh, tmp_path / "w")
+  with pytest.raises(ValueError, match=r"loss.impl=ring with uniir.variant 'blip_sf'.*momentum queue"):
+    tuni.make_task(tuni.tiny("blip_sf", tmp_path, **{"loss.impl": "ring"}), tmp_path / "u")

@@ -96,6 +96,15 @@ class Task:
   def evaluate(self, params: Any) -> dict[str, float]:
     return {}
 
+  def ring_mesh(self) -> Mesh | None:
+    """`config.loss.impl`: "dense" (default: the [B, B] logits) -> None; "ring" -> the mesh over whose data x fsdp
+    devices the contrastive loss passes candidate blocks (`losses.ring_cross_entropy`: same values, no [B, B]
+    matrix). Another value is a ValueError."""
+    impl = str((self.config.get("loss") or {}).get("impl", "dense"))
+    if impl not in ("dense", "ring"):
+      raise ValueError(f"loss.impl must be dense or ring, got {impl!r}")
+    return self.mesh if impl == "ring" else None
+
   # How to use the exported model; `{workdir}` is filled in (printed at the end of training).
   usage = "python -m mmret_jax.embed --model {workdir} ..."
 

@@ -207,13 +207,10 @@ class BlairTask(Task):
   def contrastive(self, q, c, scale, symmetric: bool, valid=None, normalized: bool = False):
     """InfoNCE of queries q [B, P] against candidates c [B, P] (cosine logits x scale): dense, or with
     `loss.impl = ring` through the ring over the data x fsdp devices (no [B, B] matrix; same values)."""
-    impl = str(self.config.loss.get("impl", "dense"))
-    if impl not in ("dense", "ring"):
-      raise ValueError(f"loss.impl must be dense or ring, got {impl!r}")
-    if impl == "ring":
+    if (mesh := self.ring_mesh()) is not None:
       if not normalized:
         q, c = losses.l2_normalize(q.astype(jnp.float32)), losses.l2_normalize(c.astype(jnp.float32))
-      return losses.ring_contrastive_loss(q, c, scale, self.mesh, symmetric=symmetric, valid=valid)
+      return losses.ring_contrastive_loss(q, c, scale, mesh, symmetric=symmetric, valid=valid)
     logits = (scale * q.astype(jnp.float32) @ c.astype(jnp.float32).T if normalized
               else losses.cosine_logits(q, c, scale))
     return losses.info_nce(logits, symmetric=symmetric, valid=valid)

@@ -99,6 +99,9 @@ class CirTask(Task):
     self.stage = int(c.cir.stage)
     if self.stage not in (1, 2):
       raise ValueError(f"cir.stage must be 1 or 2, got {c.cir.stage!r}")
+    if self.ring_mesh() is not None and self.stage != 1:
+      raise ValueError("loss.impl=ring needs cir.stage = 1: stage II's reversed term runs the Combiner on every "
+                       "(target, caption) pair of the batch; set loss.impl=dense")
     self.is_main = jax.process_index() == 0
     self.dataset = str(c.data.dataset).lower()
     if self.dataset not in ("cirr", "fashioniq"):
@@ -367,7 +370,7 @@ class CirTask(Task):
     c = self.config
     scale, weight = float(c.cir.logit_scale), float(c.loss.reversed_weight)
     if self.stage == 1:
-      return stage1_loss(self.text_tower, params, batch, rng, train, scale, weight)
+      return stage1_loss(self.text_tower, params, batch, rng, train, scale, weight, self.ring_mesh())
     return stage2_loss(self.combiner, params, batch, rng, train, scale, weight)
 
   def grad_cache_parts(self):
@@ -389,7 +392,7 @@ class CirTask(Task):
 
     def loss(params, reps, batch, rng):
       del params, rng
-      return stage1_sum_loss(batch, reps["rows"]["txt_f"], reps["rows"]["txt_b"], scale, weight)
+      return stage1_sum_loss(batch, reps["rows"]["txt_f"], reps["rows"]["txt_b"], scale, weight, self.ring_mesh())
     return grad_cache.Parts(encode, loss)
 
   # --------------------------------------------------------------------------- eval
@@ -452,20 +455,20 @@ def stage1_text(tower: blip.BlipTextTower, params, batch, rng, train: bool) -> t
   return txt[:b], txt[b:]
 
 
-def stage1_sum_loss(batch, txt_f, txt_b, scale: float = 100.0, weight: float = 0.1):
+def stage1_sum_loss(batch, txt_f, txt_b, scale: float = 100.0, weight: float = 0.1, mesh=None):
   """Forward + weight x reversed loss (element-wise-sum fusion) of the text features txt_f / txt_b [B, D] with the
-  batch's raw image features `ref` / `tgt` [B, D]."""
-  loss_f, loss_r = losses.cir_sum_losses(batch["ref"], batch["tgt"], txt_f, txt_b, scale)
+  batch's raw image features `ref` / `tgt` [B, D]; with a `mesh`, through the ring loss over its devices."""
+  loss_f, loss_r = losses.cir_sum_losses(batch["ref"], batch["tgt"], txt_f, txt_b, scale, mesh)
   return loss_f + weight * loss_r, {"loss_forward": loss_f, "loss_reversed": loss_r}
 
 
 def stage1_loss(tower: blip.BlipTextTower, params, batch, rng, train: bool, scale: float = 100.0,
-                weight: float = 0.1):
+                weight: float = 0.1, mesh=None):
   """Stage I: forward + weight x reversed loss with the element-wise-sum fusion. `batch`: raw image
   features `ref` / `tgt` [B, D], caption ids / masks `fwd_*` / `bwd_*` [B, L] (one text-encoder pass
   over both)."""
   txt_f, txt_b = stage1_text(tower, params, batch, rng, train)
-  return stage1_sum_loss(batch, txt_f, txt_b, scale, weight)
+  return stage1_sum_loss(batch, txt_f, txt_b, scale, weight, mesh)
 
 
 def stage2_loss(model: combiner_lib.Combiner, params, batch, rng, train: bool, scale: float = 100.0,

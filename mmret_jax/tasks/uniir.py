@@ -231,6 +231,9 @@ class UniIRTask(Task):
     if task_name in ("uniir_clip", "uniir_blip") and not variant.startswith(task_name.split("_")[1]):
       raise ValueError(f"task {task_name!r} trains {task_name.split('_')[1]}_sf / _ff, but uniir.variant is {variant!r}")
     self.is_blip = variant.startswith("blip")
+    if self.is_blip and self.ring_mesh() is not None:
+      raise ValueError(f"loss.impl=ring with uniir.variant {variant!r}: the BLIP variants' negatives come from the "
+                       "momentum queue, not the batch; set loss.impl=dense")
     if str(c.data.augment) not in ("none", "blip"):
       raise ValueError(f"data.augment must be 'none' or 'blip' (BLIP's training transform), got {c.data.augment!r}")
     pools = ("local", "union", "global", "both") if c.eval.get("out") else ("local", "union", "global")
@@ -382,11 +385,11 @@ class UniIRTask(Task):
     return self.model.apply({"params": params}, items["ids"], items["mask"], items["pixels"], items["txt_mask"],
                             items["img_mask"], deterministic=not train, rngs={"dropout": rng} if train else None)
 
-  @staticmethod
-  def inbatch_loss(params, query, cand):
-    """CLIP-SF/FF: (the in-batch loss of query [B, D] -> candidate [B, D] embeddings, aux)."""
+  def inbatch_loss(self, params, query, cand):
+    """CLIP-SF/FF: (the in-batch loss of query [B, D] -> candidate [B, D] embeddings, aux); dense or ring
+    (`loss.impl`)."""
     scale = jnp.exp(params["clip"]["logit_scale"])
-    return losses.uniir_inbatch_loss(query, cand, scale), {"logit_scale": scale}
+    return losses.uniir_inbatch_loss(query, cand, scale, self.ring_mesh()), {"logit_scale": scale}
 
   def loss_fn(self, params, batch, rng, train: bool = True, task_state=None):
     b = batch["cand_ids"].shape[0]
