@@ -38,7 +38,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   c.init_from = ""           # HF id, HF dir or converted dir ("" = from scratch)
   c.tokenizer = ""           # dir, or "bpe:VOCAB" to build one from the training data
-  c.checkpoint = ml_collections.ConfigDict({"keep": 2, "best_metric": "", "best_mode": "max", "async": True})
+  c.checkpoint = ml_collections.ConfigDict({"keep": 2, "best_metric": "", "best_mode": "max",
+                                                 "async_save": True})
   c.optim = ml_collections.ConfigDict({
       "learning_rate": 5e-5, "schedule": "linear", "warmup_steps": 0, "warmup_fraction": 0.0,
       "end_lr_factor": 0.0, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.0,

@@ -26,7 +26,7 @@ import bagformer_muge  # noqa: E402  pylint: disable=wrong-import-position
 def model_dir(tmp_path_factory):
   from mmret_jax.tasks.bagformer import BagFormerTask  # pylint: disable=import-outside-toplevel
   tmp = tmp_path_factory.mktemp("bf_plot")
-  c = override(bagformer_muge.get_config("smoke"), {"checkpoint.async": False, "data.check_images": False})
+  c = override(bagformer_muge.get_config("smoke"), {"checkpoint.async_save": False, "data.check_images": False})
   mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   with jax.set_mesh(mesh):
     task = BagFormerTask(c, mesh, tmp / "work")

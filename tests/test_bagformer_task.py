@@ -30,7 +30,7 @@ import bagformer_muge  # noqa: E402  pylint: disable=wrong-import-position
 
 def tiny(**over):
   c = bagformer_muge.get_config("smoke")
-  return override(c, {"checkpoint.async": False, **over})
+  return override(c, {"checkpoint.async_save": False, **over})
 
 
 def make_task(c, workdir):

@@ -143,7 +143,7 @@ def tiny(cfg_module, tmp, **over):
   c = cir_cirr.get_config("smoke") if cfg_module is cir_cirr else cir_fashioniq.get_config("smoke")
   base = {"data.feature_cache": str(tmp / "features"), "data.image_root": str(tmp / "images"),
           "data.max_train_queries": 32, "data.max_eval_queries": 32, "total_steps": 24, "log_every": 4,
-          "checkpoint_every": 12, "checkpoint.async": False, "batch_size": 8, "optim.cosine_epochs": 10}
+          "checkpoint_every": 12, "checkpoint.async_save": False, "batch_size": 8, "optim.cosine_epochs": 10}
   c = override(c, {**base, **over})
   c.then = None
   return c

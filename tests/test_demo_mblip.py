@@ -40,7 +40,7 @@ def exported(tmp_path_factory):
   """The workdir of a freshly initialised `mblip_mt0:smoke` model exported as a training run does."""
   from mmret_jax.tasks.mblip import MBlipTask  # pylint: disable=import-outside-toplevel
   w = tmp_path_factory.mktemp("demo")
-  c = override(mblip_mt0.get_config("smoke"), {"checkpoint.async": False, "data.val_size": 2})
+  c = override(mblip_mt0.get_config("smoke"), {"checkpoint.async_save": False, "data.val_size": 2})
   mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   with jax.set_mesh(mesh):
     task = MBlipTask(c, mesh, pathlib.Path(w))

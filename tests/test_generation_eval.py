@@ -224,7 +224,7 @@ def make_task(c, workdir):
 def exported(tmp_path_factory):
   """(task, params, workdir) of a freshly initialised `mblip_mt0:smoke` model exported as a training run does."""
   w = tmp_path_factory.mktemp("gen")
-  c = override(mblip_mt0.get_config("smoke"), {"checkpoint.async": False, "data.val_size": 6,
+  c = override(mblip_mt0.get_config("smoke"), {"checkpoint.async_save": False, "data.val_size": 6,
                                                 "data.eval_batch_size": 4})
   task = make_task(c, w)
   params = nn.unbox(task.init_params(jax.random.PRNGKey(0)))  # as the training loop hands them over

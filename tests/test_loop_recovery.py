@@ -196,6 +196,9 @@ def test_main_errors_are_one_line_with_status_and_no_workdir(reference, tmp_path
   assert r.returncode != 0 and "Traceback" in r.stderr
   r = run_main(f"--config={cfg}", f"--workdir={w}", "--print_config", "--config.total_steps=7")
   assert r.returncode == 0 and "total_steps: 7" in r.stdout and "train_file: " + str(data) in r.stdout
+  # checkpoint.async_save can be set on the command line (its former name `async`, a Python keyword, could not)
+  r = run_main(f"--config={cfg}", f"--workdir={w}", "--print_config", "--config.checkpoint.async_save=False")
+  assert r.returncode == 0 and "  async_save: false" in r.stdout, r.stdout + r.stderr
   assert not w.exists()
   r = run_main("--help", f"--config={cfg}")
   assert r.returncode == 0 and "  optim.learning_rate = 0.001" in r.stdout and "--print_config" in r.stdout
@@ -259,3 +262,10 @@ def test_slurm_script_requeues_on_the_interrupted_status(tmp_path):
   assert r.returncode == 0 and not (tmp_path / "scontrol.args").exists()
   r = subprocess.run(["bash", str(script)], env={**env, "FAKE_RC": "1"}, capture_output=True, text=True)
   assert r.returncode == 1 and not (tmp_path / "scontrol.args").exists()
+
+
+def test_async_save_and_its_former_name():
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  ck = lambda **kw: ml_collections.ConfigDict({"keep": 2, **kw})
+  assert loop.async_saving(ck()) is True and loop.async_saving(ck(async_save=False)) is False
+  assert loop.async_saving(ck(**{"async": False, "async_save": True})) is False  # set in Python by an older config

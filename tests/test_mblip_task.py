@@ -40,7 +40,7 @@ def make_task(c, workdir):
 
 
 def config(module, arg="smoke", **over):
-  return override(module.get_config(arg), {"checkpoint.async": False, **over})
+  return override(module.get_config(arg), {"checkpoint.async_save": False, **over})
 
 
 @pytest.fixture(scope="module")

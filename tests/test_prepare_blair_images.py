@@ -477,7 +477,7 @@ def test_smoke_training_on_the_produced_tsv(env, tmp_path):
       "tokenizer": "bpe:300", "mm.projection_dim": 32, "data.max_seq_length": 24, "data.eval_max_pairs": 8,
       "data.eval_batch_size": 8, "data.num_threads": 1, "total_steps": 3, "batch_size": 8, "log_every": 1,
       "eval_every": 0, "checkpoint_every": 100, "optim.warmup_steps": 0})
-  cfg.checkpoint["async"] = False
+  cfg.checkpoint.async_save = False
   res = loop.train_and_evaluate(cfg, tmp_path / "w")
   losses = [r["loss"] for r in read_metrics(tmp_path / "w") if "loss" in r]
   assert len(losses) == 3 and all(np.isfinite(losses))

@@ -68,7 +68,7 @@ def _child(runs, workdir):
     with c.unlocked():
       c.total_steps, c.eval_every, c.log_every = 1, 0 if evaluate else -1, 1
       c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
-      c.checkpoint["async"] = False
+      c.checkpoint.async_save = False
     print("TASK", name, file=sys.stderr, flush=True)
     del compiled[:]
     result = loop.train_and_evaluate(c, pathlib.Path(workdir) / f"{name}-{'x'.join(map(str, mesh))}")

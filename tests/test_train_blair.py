@@ -51,7 +51,7 @@ def tiny_config(train_file, **over):
   c.log_every = 1
   c.eval_every = -1
   c.checkpoint_every = 3
-  c.checkpoint["async"] = False
+  c.checkpoint.async_save = False
   return override(c, over)
 
 

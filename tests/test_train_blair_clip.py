@@ -95,7 +95,7 @@ def tiny_config(train_file, **over):
   c.log_every = 1
   c.eval_every = -1
   c.checkpoint_every = 100
-  c.checkpoint["async"] = False
+  c.checkpoint.async_save = False
   c.optim.warmup_steps = 0
   return override(c, over)
 
@@ -472,7 +472,7 @@ def test_smoke_config_learns(tmp_path):
   cfg.log_every = 5
   cfg.eval_every = 0
   cfg.checkpoint_every = 100
-  cfg.checkpoint["async"] = False
+  cfg.checkpoint.async_save = False
   cfg.optim.warmup_steps = 5
   res = loop.train_and_evaluate(cfg, tmp_path / "w")
   losses = losses_of(tmp_path / "w")

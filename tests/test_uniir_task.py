@@ -31,7 +31,7 @@ import uniir_common  # noqa: E402  pylint: disable=wrong-import-position
 def tiny(variant, tmp, **over):
   c = uniir_common.uniir_config(variant, "smoke", per_device_batch=1, init_from="")
   base = {"data.image_root": str(tmp / "images"), "total_steps": 30, "log_every": 5, "checkpoint_every": 15,
-          "checkpoint.async": False, "eval.sets": ()}
+          "checkpoint.async_save": False, "eval.sets": ()}
   return override(c, {**base, **over})
 
 

@@ -241,7 +241,15 @@ def _checkpoint_manager(workdir, config) -> ocp.CheckpointManager:
       storage.display(workdir / "checkpoints"),  # absolute path or gs:// URL
       options=ocp.CheckpointManagerOptions(
           preservation_policy=cm.AnyPreservationPolicy(policies),
-          enable_async_checkpointing=bool(ck.get("async", True)), create=True))
+          enable_async_checkpointing=async_saving(ck), create=True))
+
+
+def async_saving(ck) -> bool:
+  """`checkpoint.async_save` (saves run in the background). The former name `checkpoint.async` (a Python keyword,
+  which `--config.checkpoint.async=...` cannot parse) still wins when a config sets it in Python."""
+  if "async" in ck:
+    return bool(ck["async"])
+  return bool(ck.get("async_save", True))
 
 
 def _console(message: str) -> None:
