@@ -136,6 +136,38 @@ def timed_steps(fn, warmup: int, steps: int, label: str) -> dict:
   return {"wall": wall, "cpu": cpu}
 
 
+class CompiledStep:
+  """A train step `step_fn` (jitted, state donated) compiled ahead of time for (state, batch) on `mesh`; each call
+  runs one step on that batch, advances the held state and returns the step's metrics once they are ready.
+  `compile_s`: seconds of lower + compile; `compiled`: the executable (HLO text, cost and memory analyses)."""
+
+  def __init__(self, step_fn, state, batch, mesh):
+    import jax  # pylint: disable=import-outside-toplevel
+    self._jax, self.state, self.batch = jax, state, batch
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+      self.compiled = step_fn.lower(state, batch).compile()
+    self.compile_s = time.perf_counter() - t0
+
+  def __call__(self):
+    self.state, m = self.compiled(self.state, self.batch)
+    self._jax.block_until_ready((self.state, m))
+    return m
+
+  def analysis(self) -> tuple[float | None, float]:
+    """(XLA's cost-analysis FLOPs of one step or None, its temp buffers in GiB or NaN where the backend does not
+    report them), printed after the compile time."""
+    from mmret_jax.train import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+    flops = metrics_lib.compiled_flops(self.compiled)
+    try:
+      temp = self.compiled.memory_analysis().temp_size_in_bytes / 2**30
+    except Exception:  # pylint: disable=broad-except  # not every backend reports it
+      temp = float("nan")
+    print(f"  [jax] compile {self.compile_s:.1f}s; XLA cost analysis "
+          f"{flops / 1e12 if flops else float('nan'):.3f} TFLOP/step; XLA temp buffers {temp:.2f} GB", flush=True)
+    return flops, temp
+
+
 def spawn_worker(script: str, side: str, result_dir, worker_args: list[str], env: dict, tuned: bool = False) -> dict:
   """Runs `python script --side SIDE --result FILE *worker_args` in a fresh process (its own JAX / torch start-up
   and flags) and returns the JSON it wrote; with `tuned`, its "jax" entry is returned as "jax_tuned"."""

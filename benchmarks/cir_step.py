@@ -78,7 +78,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # pylint: disable=wrong-import-position
 
-from bench_common import machine_info, print_machine, rss_gb, run_rounds, spawn_worker, timed_steps  # pylint: disable=wrong-import-position
+from bench_common import CompiledStep, machine_info, print_machine, rss_gb, run_rounds, spawn_worker, timed_steps  # pylint: disable=wrong-import-position
 from mmret_jax import xla_cpu  # pylint: disable=wrong-import-position
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -332,7 +332,6 @@ def build_torch(torch, transformers, args, weights: pathlib.Path, device, amp: b
 def jax_worker(args) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   from mmret_jax.tasks.cir import stage1_loss  # pylint: disable=import-outside-toplevel
-  from mmret_jax.train import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
   from mmret_jax.train import partitioning  # pylint: disable=import-outside-toplevel
   t0 = time.perf_counter()
   task, mesh, state, step_fn, schedule = build_jax(args, pathlib.Path(args.weights))
@@ -350,23 +349,10 @@ def jax_worker(args) -> dict:
   eval_loss = [float(ev[0]), float(ev[1]["loss_forward"]), float(ev[1]["loss_reversed"])]
   print(f"  [jax] eval-mode loss of the initial weights: {eval_loss[0]:.6f} (forward {eval_loss[1]:.6f}, "
         f"reversed {eval_loss[2]:.6f})", flush=True)
-  t0 = time.perf_counter()
-  with jax.set_mesh(mesh):
-    compiled = step_fn.lower(state, gbatch).compile()
-  compile_s = time.perf_counter() - t0
-  flops = metrics_lib.compiled_flops(compiled)
-  try:
-    temp = compiled.memory_analysis().temp_size_in_bytes / 2**30
-  except Exception:  # pylint: disable=broad-except  # not every backend reports it
-    temp = float("nan")
-  print(f"  [jax] compile {compile_s:.1f}s; XLA cost analysis {flops / 1e12 if flops else float('nan'):.3f} "
-        f"TFLOP/step; XLA temp buffers {temp:.2f} GB", flush=True)
-
-  def step():
-    nonlocal state
-    state, m = compiled(state, gbatch)
-    jax.block_until_ready((state, m))
-    return m
+  step = CompiledStep(step_fn, state, gbatch, mesh)
+  del state  # donated: the step holds it
+  compile_s = step.compile_s
+  flops, temp = step.analysis()
 
   t0 = time.perf_counter()
   m = jax.device_get(step())

@@ -56,7 +56,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # pylint: disable=wrong-import-position
 
-from bench_common import load_average, machine_info, print_machine, rss_gb, run_rounds, spawn_worker, timed_steps, usable_cpus  # pylint: disable=wrong-import-position
+from bench_common import CompiledStep, load_average, machine_info, print_machine, rss_gb, run_rounds, spawn_worker, timed_steps, usable_cpus  # pylint: disable=wrong-import-position
 from mmret_jax import xla_cpu  # pylint: disable=wrong-import-position
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -337,17 +337,10 @@ def jax_worker(args) -> dict:
   eval_loss = float(jax.jit(lambda p, b: task.forward(p, b)["loss"])(state.params, batch))
   check_loss("jax", eval_loss, args.ref_loss)
   gbatch = partitioning.make_global_batch(batch, mesh)
-  t0 = time.perf_counter()
-  with jax.set_mesh(mesh):
-    compiled = step_fn.lower(state, gbatch).compile()
-  compile_s = time.perf_counter() - t0
+  step = CompiledStep(step_fn, state, gbatch, mesh)
+  del state  # donated: the step holds it
+  compile_s = step.compile_s
   print(f"  [jax] step compile {compile_s:.1f}s", flush=True)
-
-  def step():
-    nonlocal state
-    state, m = compiled(state, gbatch)
-    jax.block_until_ready((state, m))
-    return m
 
   t0 = time.perf_counter()
   m = jax.device_get(step())

@@ -114,20 +114,15 @@ def main(argv=None) -> int:
   _, mesh, state, step_fn = ts.build_jax(args, hf_dir, pathlib.Path(tmp.name) / "work", overrides=overrides)
   batch = partitioning.make_global_batch(ts.make_batch(ts.SIZES[args.size], args.batch_size, args.seq_len,
                                                        args.seed), mesh)
-  with jax.set_mesh(mesh):
-    compiled = step_fn.lower(state, batch).compile()
+  step = bench_common.CompiledStep(step_fn, state, batch, mesh)
+  del state  # donated: the step holds it
+  compiled = step.compiled
   print(f"  build + compile {time.perf_counter() - t0:.1f}s", flush=True)
   out = pathlib.Path(args.out) if args.out else None
   if out:
     out.mkdir(parents=True, exist_ok=True)
     with gzip.open(out / "step_hlo.txt.gz", "wt") as f:
       f.write(compiled.as_text())
-
-  def step():
-    nonlocal state
-    state, m = compiled(state, batch)
-    jax.block_until_ready((state, m))
-    return m
 
   for _ in range(args.warmup):
     m = step()

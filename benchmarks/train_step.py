@@ -51,7 +51,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 # `--xla-cpu tuned`: the XLA:CPU flags that `python -m mmret_jax.main` applies by default
 # (mmret_jax/xla_cpu.py); `default` = XLA's own defaults.
-from bench_common import ROBERTA_SIZES, machine_info, print_machine, rss_gb, run_rounds, spawn_worker, timed_steps  # pylint: disable=wrong-import-position
+from bench_common import ROBERTA_SIZES, CompiledStep, machine_info, print_machine, rss_gb, run_rounds, spawn_worker, timed_steps  # pylint: disable=wrong-import-position
 from mmret_jax.xla_cpu import TUNED_XLA_CPU_FLAGS  # pylint: disable=wrong-import-position
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -241,23 +241,10 @@ def jax_worker(args) -> dict:
         f"mlp head); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; {jax.devices()[0]}", flush=True)
   batch = make_batch(SIZES[args.size], args.batch_size, args.seq_len, args.seed)
   gbatch = partitioning.make_global_batch(batch, mesh)
-  t0 = time.perf_counter()
-  with jax.set_mesh(mesh):
-    compiled = step_fn.lower(state, gbatch).compile()
-  compile_s = time.perf_counter() - t0
-  flops = metrics_lib.compiled_flops(compiled)
-  try:
-    temp = compiled.memory_analysis().temp_size_in_bytes / 2**30
-  except Exception:  # pylint: disable=broad-except  # not every backend reports it
-    temp = float("nan")
-  print(f"  [jax] compile {compile_s:.1f}s; XLA cost analysis {flops / 1e12 if flops else float('nan'):.2f} "
-        f"TFLOP/step; XLA temp buffers {temp:.1f} GB", flush=True)
-
-  def step():
-    nonlocal state
-    state, m = compiled(state, gbatch)
-    jax.block_until_ready((state, m))
-    return m
+  step = CompiledStep(step_fn, state, gbatch, mesh)
+  del state  # donated: the step holds it
+  compile_s = step.compile_s
+  flops, temp = step.analysis()
 
   t0 = time.perf_counter()
   m = jax.device_get(step())
