@@ -442,7 +442,8 @@ def _read_c4_pool(path: pathlib.Path):
       except ValueError:
         note_skip(stats, "json", lineno)
         continue
-      item = rec.get("item_id") if isinstance(rec, dict) else None
+      # `item`: the key the seed's ESCI script (process_esci.py) writes; its readers and Amazon-C4 use `item_id`
+      item = rec.get("item_id", rec.get("item")) if isinstance(rec, dict) else None
       text = rec.get("metadata") if isinstance(rec, dict) else None
       if not isinstance(item, str) or not isinstance(text, str) or not item or not text.strip():
         note_skip(stats, "fields", lineno)
