@@ -269,3 +269,15 @@ def test_async_save_and_its_former_name():
   ck = lambda **kw: ml_collections.ConfigDict({"keep": 2, **kw})
   assert loop.async_saving(ck()) is True and loop.async_saving(ck(async_save=False)) is False
   assert loop.async_saving(ck(**{"async": False, "async_save": True})) is False  # set in Python by an older config
+
+
+def test_late_restore_reads_are_not_logged_after_the_warning():
+  """What an abandoned restore's pending reads report later through asyncio ("Task exception was never
+  retrieved", a TensorStore error with its spec dump) is dropped; other asyncio records pass."""
+  import logging  # pylint: disable=import-outside-toplevel
+  f = loop._LateRestoreLogFilter()  # pylint: disable=protected-access
+  err = ValueError("OUT_OF_RANGE: Error reading ...; See full TensorStore details: {'driver': 'zarr'}")
+  late = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "Task exception was never retrieved", None,
+                           (ValueError, err, None))
+  other = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "Unclosed client session", None, None)
+  assert f.filter(late) is False and f.filter(other) is True

@@ -67,7 +67,7 @@ import tqdm
 
 from mmret_jax import cli
 from mmret_jax.data.prepare_blair import find_files
-from mmret_jax.data.sources.amazon_reviews import MAX_BAD_LINES, open_text
+from mmret_jax.data.sources.amazon_reviews import MAX_BAD_LINES, iter_wanted_meta, open_text
 
 ESCI_COLUMNS = ("query", "product_id", "product_locale", "esci_label", "small_version")
 ESCI_EXTENSIONS = (".parquet", ".jsonl", ".jsonl.gz", ".json", ".csv", ".csv.gz")
@@ -454,43 +454,24 @@ def sample_candidates(queries: Sequence[tuple[str, str, str]], asin2category: Ma
 # ---------------------------------------------------------------------------
 # Item metadata
 # ---------------------------------------------------------------------------
-_ASIN = re.compile(rb'"parent_asin"\s*:\s*"([^"\\]*)"')
-
-
 def iter_category_items(category: str, path: pathlib.Path, wanted: set[str], counts: dict[str, Any],
                         progress: bool = True) -> Iterator[dict[str, str]]:
   """`{"item_id", "category", "metadata"}` for the first meta line of each asin in `wanted`."""
   seen: set[str] = set()
-  with open_text(path, "rb") as f, tqdm.tqdm(desc=f"meta {path.name}", unit=" lines", unit_scale=True,
-                                             disable=not progress, mininterval=1.0) as bar:
-    lineno = 0
-    for lineno, raw in enumerate(f, start=1):
-      if lineno % 10_000 == 0:
-        bar.update(10_000)
-      if not raw.strip():
-        continue
-      counts["meta_lines"] += 1
-      m = _ASIN.search(raw)
-      if m is not None and m.group(1).decode("utf-8", "replace") not in wanted:
-        continue  # not a candidate: not parsed
-      try:
-        rec = json.loads(raw)
-        asin = rec["parent_asin"]
-        if not isinstance(asin, str) or not asin:
-          raise ValueError(asin)
-      except (ValueError, TypeError, KeyError):
-        _skip(counts, "meta", "", f"{path.name}:{lineno}")
-        continue
-      if asin not in wanted:
-        continue
-      if asin in seen:
-        counts["meta_duplicate"] += 1
-        continue
-      seen.add(asin)
-      text = clean_metadata(rec)
-      counts["items_empty_metadata"] += not text.strip()
-      yield {"item_id": asin, "category": category, "metadata": text}
-    bar.update(lineno % 10_000)
+  for lineno, rec, _ in iter_wanted_meta(path, wanted, counts, progress):
+    if rec is None:
+      _skip(counts, "meta", "", f"{path.name}:{lineno}")
+      continue
+    asin = rec["parent_asin"]
+    if asin not in wanted:
+      continue
+    if asin in seen:
+      counts["meta_duplicate"] += 1
+      continue
+    seen.add(asin)
+    text = clean_metadata(rec)
+    counts["items_empty_metadata"] += not text.strip()
+    yield {"item_id": asin, "category": category, "metadata": text}
 
 
 # ---------------------------------------------------------------------------

@@ -273,6 +273,9 @@ def _quiet_restore():
   except BaseException:
     gc.collect()
     sys.unraisablehook = _late_restore_noise_filter(hook)  # a pending read may still report later
+    asyncio_logger = logging.getLogger("asyncio")  # ... or as "Task exception was never retrieved"
+    if not any(isinstance(f, _LateRestoreLogFilter) for f in asyncio_logger.filters):
+      asyncio_logger.addFilter(_LateRestoreLogFilter())
     raise
   finally:
     if sys.unraisablehook is not _late_restore_noise_filter.installed:
@@ -295,6 +298,18 @@ def _late_restore_noise_filter(previous):
 
 
 _late_restore_noise_filter.installed = None
+
+
+class _LateRestoreLogFilter(logging.Filter):
+  """Drops the asyncio log records ("Task exception was never retrieved") of array reads that an abandoned Orbax
+  restore left pending and that fail after the restore was already reported: their text is a TensorStore error
+  with its whole spec dump. Installed after the first failed restore; other asyncio records pass."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    text = record.getMessage()
+    if record.exc_info and record.exc_info[1] is not None:
+      text += f" {record.exc_info[1]!r}"
+    return not any(k in text for k in ("TensorStore", "tensorstore", "_read_array_index", "async_deserialize"))
 
 
 def _keystr(path) -> str:

@@ -21,6 +21,7 @@ import logging
 import operator
 import os
 import pathlib
+import re
 from typing import Any, Iterable, Iterator, Mapping, Sized
 
 import numpy as np
@@ -355,6 +356,45 @@ def split_pairs(source: Sized | int, valid_fraction: float = 0.01) -> tuple[np.n
     n_valid = min(max(1, int(round(n * valid_fraction))), n - 1)
   idx = np.arange(n, dtype=np.int64)
   return idx[n_valid:], idx[:n_valid]
+
+
+_PARENT_ASIN = re.compile(rb'"parent_asin"\s*:\s*"([^"\\]*)"')
+
+
+def iter_wanted_meta(path: pathlib.Path, wanted: set[str] | frozenset[str], counts: dict[str, Any],
+                     progress: bool = True) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
+  """The lines of a raw `meta_{Category}.jsonl[.gz]` that may hold an item of `wanted`: (line number, the parsed
+  record or None, why it is None). A line whose `parent_asin` (found by a byte search, no JSON parse) is not
+  wanted is passed over unparsed, so a large meta file streams fast; a line that is not a JSON object with a
+  non-empty string `parent_asin` comes as (lineno, None, reason). Counts every non-empty line in
+  `counts["meta_lines"]`; a progress bar counts lines."""
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  with open_text(path, "rb") as f, tqdm(desc=f"meta {path.name}", unit=" lines", unit_scale=True,
+                                        disable=not progress, mininterval=1.0) as bar:
+    lineno = 0
+    for lineno, raw in enumerate(f, start=1):
+      if lineno % 10_000 == 0:
+        bar.update(10_000)
+      if not raw.strip():
+        continue
+      counts["meta_lines"] = counts.get("meta_lines", 0) + 1
+      m = _PARENT_ASIN.search(raw)
+      if m is not None and m.group(1).decode("utf-8", "replace") not in wanted:
+        continue
+      try:
+        rec = json.loads(raw)
+      except ValueError:
+        yield lineno, None, "bad JSON"
+        continue
+      if not isinstance(rec, dict):
+        yield lineno, None, "not a JSON object"
+      elif "parent_asin" not in rec:
+        yield lineno, None, "no parent_asin"
+      elif not isinstance(rec["parent_asin"], str) or not rec["parent_asin"]:
+        yield lineno, None, "parent_asin is not a non-empty string"
+      else:
+        yield lineno, rec, ""
+    bar.update(lineno % 10_000)
 
 
 # ---------------------------------------------------------------------------
