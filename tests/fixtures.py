@@ -21,6 +21,14 @@ CORPUS = [
 ]
 
 
+def simulated_devices(n: int, extra: str = "") -> str:
+  """XLA_FLAGS for a subprocess with `n` simulated CPU devices. XLA's in-process collectives abort the program when
+  one device thread is 40 s late to a rendezvous; on a loaded 2-core CI machine (xdist workers side by side) one
+  can be, so the wait before aborting is raised (a real deadlock still ends, after 15 minutes)."""
+  return (f"--xla_force_host_platform_device_count={n} --xla_cpu_collective_call_terminate_timeout_seconds=900 "
+          f"{extra}").strip()
+
+
 def roberta_tokenizer(vocab_size: int = 300):
   """A real byte-level BPE RobertaTokenizerFast trained on CORPUS (vocab <= vocab_size)."""
   from mmret_jax.data.text import build_bpe_tokenizer  # pylint: disable=import-outside-toplevel

@@ -16,10 +16,11 @@ import sys
 import textwrap
 
 import numpy as np
+from fixtures import simulated_devices  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-       "--xla_llvm_disable_expensive_passes=true"}
+ENV = {**os.environ, "XLA_FLAGS": simulated_devices(
+    8, "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")}
 LOSS_ATOL = 2e-5
 
 SCRIPT = textwrap.dedent("""

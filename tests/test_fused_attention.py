@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from mmret_jax.models import bert, fused_attention as fa, layers
+from fixtures import simulated_devices  # noqa: E402
 
 
 def _reference(q, k, v, key_mask, keys, rate):
@@ -212,7 +213,7 @@ def test_kernel_runs_per_shard_on_a_mesh():
   (batch, head) block: same values and gradients as one device, output left sharded, no gathers."""
   import os, pathlib, subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
   repo = pathlib.Path(__file__).resolve().parents[1]
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": str(repo)}
+  env = {**os.environ, "XLA_FLAGS": simulated_devices(8), "PYTHONPATH": str(repo)}
   r = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], capture_output=True, text=True, env=env,
                      cwd=repo, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from mmret_jax.models import bert, fused_norm as fn, layers
+from fixtures import simulated_devices  # noqa: E402
 
 EPS = 1e-12
 
@@ -144,7 +145,7 @@ def test_kernels_run_per_row_shard_on_a_mesh():
   indices: same values and gradients as one device (so the same dropout mask), output left sharded,
   no gathers."""
   repo = pathlib.Path(__file__).resolve().parents[1]
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": str(repo)}
+  env = {**os.environ, "XLA_FLAGS": simulated_devices(8), "PYTHONPATH": str(repo)}
   r = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], capture_output=True, text=True, env=env,
                      cwd=repo, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]

@@ -23,6 +23,7 @@ from mmret_jax.eval import mbeir as pipeline
 from mmret_jax.eval import mbeir_store as store
 from mmret_jax.eval import mbeir_unirag as unirag
 from mmret_jax.eval import retrieval
+from fixtures import simulated_devices  # noqa: E402
 
 ROOT = str(mbeir.mini_root())
 
@@ -243,7 +244,7 @@ def test_backends_identical_and_evaluate_matches_cli(embedded, encoder, data):
 # (c) the CLI end to end in a subprocess (2 host devices: sharded forward and pool)
 # ---------------------------------------------------------------------------
 def test_cli_all_subprocess(tmp_path, images, model_dir, embedded, data):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=simulated_devices(2), JAX_PLATFORMS="cpu")
   cmd = [sys.executable, "-m", "mmret_jax.eval.mbeir", "all", "--model", str(model_dir), "--mbeir-root", ROOT,
          "--out", str(tmp_path), "--image-root", str(images), "--pool", "global", "--backend", "jax",
          "--batch-size", "8", "--unirag", "--unirag-complements", "--datasets", "mscoco_task3,cirr_task7"]
@@ -364,7 +365,7 @@ print(json.dumps(out))
 def test_evaluate_inside_a_training_mesh(images, model_dir):
   """evaluate() under a caller's 2-device mesh: the forward, the device pool and the sharded top-k
   run on their own meshes."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=simulated_devices(2), JAX_PLATFORMS="cpu")
   p = subprocess.run([sys.executable, "-c", _IN_MESH, str(model_dir), str(images)], env=env, capture_output=True,
                      text=True, timeout=300, check=False)
   assert p.returncode == 0, p.stderr[-3000:]

@@ -28,6 +28,7 @@ import os
 import pathlib
 import subprocess
 import sys
+from fixtures import simulated_devices  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # (config file, arg, run the end-of-training evaluation too)
@@ -44,7 +45,7 @@ def _run_child(*args, compile_cache: bool = True) -> subprocess.CompletedProcess
   nothing and so printing no compiler warning."""
   code = (f"import sys, json; sys.path[:0] = [{str(REPO / 'tests')!r}, {str(REPO / 'configs')!r}]; "
           f"import test_sharding_hygiene as t; t._child(*json.loads(sys.argv[1]))")
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = {**os.environ, "XLA_FLAGS": simulated_devices(8)}
   if not compile_cache:
     env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
   return subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True, env=env,

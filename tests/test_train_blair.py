@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mmret_jax.train import loop
-from fixtures import override
+from fixtures import override, simulated_devices
 from mmret_jax.train.metrics import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -200,7 +200,7 @@ MESH_SCRIPT = textwrap.dedent("""
 def test_meshes_match_single_device(tmp_path):
   data = write_pairs(tmp_path / "pairs.tsv")
   script = MESH_SCRIPT.format(tests=str(REPO / "tests"), data=str(data), workdir=str(tmp_path))
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = {**os.environ, "XLA_FLAGS": simulated_devices(8)}
   r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO,
                      timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import PIL.Image  # noqa: E402
 import pytest  # noqa: E402
 
-from fixtures import override  # noqa: E402
+from fixtures import override, simulated_devices  # noqa: E402
 from mmret_jax.data import image as image_lib  # noqa: E402
 from mmret_jax.tasks.blair_clip import BlairClipTask, _TokenizeKeepImage  # noqa: E402
 from mmret_jax.train import loop  # noqa: E402
@@ -447,8 +447,8 @@ def test_meshes_match_single_device(tmp_path):
   script = MESH_SCRIPT.format(tests=str(REPO / "tests"), data=str(data), workdir=str(tmp_path))
   # Unoptimised XLA codegen compiles the three programs a third faster on a cold cache; every run
   # in the subprocess uses the same flags, so the comparison is unaffected.
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8 "
-         "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"}
+  env = {**os.environ, "XLA_FLAGS": simulated_devices(
+      8, "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")}
   r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO,
                      timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
