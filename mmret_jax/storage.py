@@ -79,6 +79,21 @@ def staged_dir(dst: PathLike) -> Iterator[pathlib.Path]:
     copy_tree(tmp, dst)
 
 
+@contextlib.contextmanager
+def replaced_together(paths) -> Iterator[dict]:
+  """Local output files written all or none: yields {path: its `incomplete.<name>` twin} to write; when the block
+  ends without an error every twin is renamed onto its path (missing twins are an error), and the twins are
+  removed in any case, so a failed run leaves the previous outputs as they were."""
+  twins = {pathlib.Path(p): pathlib.Path(p).with_name("incomplete." + pathlib.Path(p).name) for p in paths}
+  try:
+    yield twins
+    for path, twin in twins.items():
+      os.replace(twin, path)
+  finally:
+    for twin in twins.values():
+      twin.unlink(missing_ok=True)
+
+
 def local_copy(src: PathLike, refresh: bool = False) -> pathlib.Path:
   """`src` itself when local; a remote dir is downloaded once into the local cache
   (`$MMRET_JAX_CACHE/remote`, default ~/.cache/mmret_jax/remote) and that copy returned."""

@@ -65,7 +65,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import tqdm
 
-from mmret_jax import cli
+from mmret_jax import cli, storage
 from mmret_jax.data.prepare_blair import find_files
 from mmret_jax.data.sources.amazon_reviews import MAX_BAD_LINES, iter_wanted_meta, open_text
 
@@ -493,14 +493,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return args
 
 
-def _incomplete(path: pathlib.Path) -> pathlib.Path:
-  return path.with_name("incomplete." + path.name)
-
-
 def _write_lines(path: pathlib.Path, lines: Iterator[str]) -> int:
-  """Writes `lines` to `incomplete.<name>` next to `path` (renamed by the caller); returns the count."""
+  """Writes `lines` to `path`; returns the count."""
   n = 0
-  with open(_incomplete(path), "w", encoding="utf-8", newline="") as f:
+  with open(path, "w", encoding="utf-8", newline="") as f:
     for line in lines:
       f.write(line)
       n += 1
@@ -568,14 +564,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         found.add(rec["item_id"])
         yield json.dumps(rec) + "\n"
 
-  try:  # both files complete, or neither replaced
-    _write_lines(targets[0], _csv_lines(queries))
-    counts["items"] = _write_lines(targets[1], pool_lines())
-    for t in targets:
-      os.replace(_incomplete(t), t)
-  finally:
-    for t in targets:
-      _incomplete(t).unlink(missing_ok=True)
+  with storage.replaced_together(targets) as twins:  # both files complete, or neither replaced
+    _write_lines(twins[targets[0]], _csv_lines(queries))
+    counts["items"] = _write_lines(twins[targets[1]], pool_lines())
   counts["candidates_without_meta"] = sum(len(w - found) for w in cands.values())
   counts["queries_without_positive"] = sum(item not in found for _, item, _ in queries)
   result = {**counts, "output": str(out), "n_neg": args.n_neg, "seed": args.seed,

@@ -67,7 +67,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import tqdm
 
-from mmret_jax import cli
+from mmret_jax import cli, storage
 from mmret_jax.data.prepare_blair import find_files
 from mmret_jax.data.sources.amazon_reviews import MAX_BAD_LINES, iter_wanted_meta, open_text
 
@@ -381,10 +381,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return args
 
 
-def _incomplete(path: pathlib.Path) -> pathlib.Path:
-  return path.with_name("incomplete." + path.name)
-
-
 def report(counts: Mapping[str, Any], stats: Mapping[str, Any], file=None) -> None:
   """Prints the seed's statistics, then every count."""
   file = file or sys.stdout
@@ -442,16 +438,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   out_dir.mkdir(parents=True, exist_ok=True)
   users, items = IdMap(), IdMap()
   split_stats: dict[str, dict[str, int]] = {}
-  try:  # all outputs complete, or none replaced
+  with storage.replaced_together(targets.values()) as twins:  # all outputs complete, or none replaced
     for split in SPLITS:
-      with open(_incomplete(targets[split]), "w", encoding="utf-8", newline="") as f:
+      with open(twins[targets[split]], "w", encoding="utf-8", newline="") as f:
         rows = iter_interactions(inter_files[split], counts, progress, split)
         split_stats[split] = process_split(rows, texts, args.max_his_len, users, items, counts, f)
     if not counts["rows_written"]:
       raise ValueError(f"No interaction row kept (every row was dropped or malformed): "
                        f"{ {k: counts[k] for k, _ in SUMMARY if k.startswith('rows') and counts[k]} }")
     maps = data_maps(users, items, texts)
-    with open(_incomplete(targets["data_maps"]), "w", encoding="utf-8") as f:
+    with open(twins[targets["data_maps"]], "w", encoding="utf-8") as f:
       json.dump(maps, f)
     item_texts = [maps["id2meta"][i] for i in range(1, len(items))]
     del texts
@@ -461,13 +457,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                 batch_size=args.batch_size, progress=progress)
       emb = np.ascontiguousarray(emb, dtype=np.float32)
       dim = int(emb.shape[1])
-      emb.tofile(_incomplete(targets["feature"]))
+      emb.tofile(twins[targets["feature"]])
       del emb
-    for t in targets.values():
-      os.replace(_incomplete(t), t)
-  finally:
-    for t in targets.values():
-      _incomplete(t).unlink(missing_ok=True)
 
   stats = seed_statistics(split_stats, len(users) - 1, item_texts)
   result = {"statistics": stats, "counts": counts, "splits": split_stats, "output": str(out_dir),
