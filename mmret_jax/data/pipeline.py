@@ -68,28 +68,38 @@ class EpochBatches(grain.transforms.Map):
 
   Batch i belongs to epoch e = i // (num_rows // global_batch); each epoch is the permutation
   `numpy.random.default_rng([seed, e])` of the rows, cut into global batches, the last partial one
-  dropped (a PyTorch DataLoader with shuffle and drop_last). Per-row randomness should be drawn
-  from (seed, epoch, row) by `make_batch`, so a resumed run replays the same batches.
+  dropped (a PyTorch DataLoader with shuffle and drop_last). With `drop_last=False` (RecBole's loader) an
+  epoch has ceil(num_rows / global_batch) batches and the rows of the last one may be fewer than
+  `process_batch` (none at all on a later process): `make_batch` pads them. Per-row randomness should be
+  drawn from (seed, epoch, row) by `make_batch`, so a resumed run replays the same batches.
+  `process_index` defaults to `jax.process_index()`.
   """
 
   def __init__(self, num_rows: int, seed: int, global_batch: int, process_batch: int,
-               make_batch: Callable[[Any, int], Any]):
+               make_batch: Callable[[Any, int], Any], drop_last: bool = True, process_index: int | None = None):
     import numpy as np  # pylint: disable=import-outside-toplevel
-    if num_rows < global_batch:
+    if num_rows < (global_batch if drop_last else 1):
       raise ValueError(f"batch_size {global_batch} exceeds the {num_rows} training rows")
+    if process_batch < 1 or global_batch % process_batch:
+      raise ValueError(f"batch_size {global_batch} must be a multiple of the per-process batch {process_batch}")
     self._np, self.num_rows, self.seed = np, num_rows, seed
     self.global_batch, self.process_batch, self.make_batch = global_batch, process_batch, make_batch
+    self.steps_per_epoch = num_rows // global_batch if drop_last else -(-num_rows // global_batch)
+    self.process_index = process_index
 
   def map(self, i):
-    import jax  # pylint: disable=import-outside-toplevel
-    epoch, b = divmod(int(i), self.num_rows // self.global_batch)
+    if self.process_index is None:
+      import jax  # pylint: disable=import-outside-toplevel
+      self.process_index = jax.process_index()
+    epoch, b = divmod(int(i), self.steps_per_epoch)
     perm = self._np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
-    start = b * self.global_batch + jax.process_index() * self.process_batch
+    start = b * self.global_batch + self.process_index * self.process_batch
     return self.make_batch(perm[start:start + self.process_batch], epoch)
 
 
 def epoch_batches(num_rows: int, seed: int, global_batch: int, process_batch: int, make_batch,
-                  num_threads: int = 1, prefetch: int = 2):
+                  num_threads: int = 1, prefetch: int = 2, drop_last: bool = True, process_index: int | None = None):
   """A checkpointable iterator over `EpochBatches` (grain: its state is the batch number)."""
-  ds = grain.MapDataset.range(1 << 40).map(EpochBatches(num_rows, seed, global_batch, process_batch, make_batch))
+  ds = grain.MapDataset.range(1 << 40).map(EpochBatches(num_rows, seed, global_batch, process_batch, make_batch,
+                                                        drop_last, process_index))
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)))

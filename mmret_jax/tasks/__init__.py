@@ -10,6 +10,7 @@ TASKS = {
     "blair_clip": "mmret_jax.tasks.blair_clip:BlairClipTask",
     "cir": "mmret_jax.tasks.cir:CirTask",
     "mblip": "mmret_jax.tasks.mblip:MBlipTask",
+    "seqrec": "mmret_jax.tasks.seqrec:SeqRecTask",
     "uniir": "mmret_jax.tasks.uniir:UniIRTask",
     # The names: the same task, restricted to one backbone family of `uniir.variant`.
     "uniir_clip": "mmret_jax.tasks.uniir:UniIRTask",

@@ -60,10 +60,12 @@ class RunResult:
   state: "TrainState"
   total_steps: int
   interrupted: bool = False  # stopped by SIGTERM / SIGINT after saving a checkpoint
+  stopped_early: bool = False  # ended by `early_stopping` (a finished run: its model was exported)
+  best_step: int | None = None  # the step of the best evaluation (`checkpoint.best_metric`), when one was watched
 
   @property
   def finished(self) -> bool:
-    return int(jax.device_get(self.state.step)) == self.total_steps
+    return self.stopped_early or int(jax.device_get(self.state.step)) == self.total_steps
 
 
 @flax.struct.dataclass
@@ -230,6 +232,64 @@ def resolve_total_steps(config, num_train_examples: int, steps_per_epoch: int | 
   return max(1, math.ceil(epochs * num_train_examples / int(config.batch_size)))
 
 
+class EarlyStopping:
+  """Watches `checkpoint.best_metric` (`best_mode` max | min) at each evaluation, as RecBole's trainer does
+  (`stopping_step`): a value at least as good as the best so far (ties count: the later step becomes the best,
+  which is also the checkpoint Orbax's BestN keeps) resets the count; otherwise the count goes up, and the run
+  stops when it exceeds `early_stopping.patience`. patience 0 = never stop (the best is still tracked when a
+  best_metric is set). On resume the count is replayed from the eval rows of `metrics.jsonl` up to the restored
+  step, so a resumed run stops where an uninterrupted one does."""
+
+  def __init__(self, config, workdir=None, start: int = 0):
+    es = config.get("early_stopping") or {}
+    self.patience = int(es.get("patience", 0) or 0)
+    self.metric = str(config.checkpoint.get("best_metric", "") or "")
+    self.minimize = config.checkpoint.get("best_mode", "max") == "min"
+    if config.checkpoint.get("best_mode", "max") not in ("max", "min"):
+      raise ValueError(f"checkpoint.best_mode must be max or min, got {config.checkpoint.best_mode!r}")
+    if self.patience < 0:
+      raise ValueError(f"early_stopping.patience must be >= 0, got {self.patience}")
+    if (self.patience or es.get("export_best")) and not self.metric:
+      raise ValueError("early_stopping needs checkpoint.best_metric: the eval metric it watches (e.g. "
+                       "--config.checkpoint.best_metric=eval/valid/ndcg@10)")
+    if self.metric and not self.metric.startswith("eval/"):
+      raise ValueError(f"checkpoint.best_metric {self.metric!r} must name an eval metric: 'eval/<name>'")
+    self.export_best = bool(es.get("export_best", False))
+    self.best, self.best_step, self.best_row, self.stale, self.stopped = None, None, {}, 0, False
+    self.improved = False  # the last update set a new best
+    if self.metric and start and workdir is not None:
+      for row in metrics_lib.read_metrics(workdir):
+        if int(row.get("step", 0)) <= start and self.metric in row:
+          self.stopped = self.update(int(row["step"]), {k: v for k, v in row.items() if k.startswith("eval/")})
+
+  def update(self, step: int, evals: dict[str, float]) -> bool:
+    """Records one evaluation; True = stop now."""
+    if not self.metric or self.metric not in evals:
+      return False
+    value = float(evals[self.metric])
+    self.improved = self.best is None or (value <= self.best if self.minimize else value >= self.best)
+    if self.improved:
+      self.best, self.best_step, self.best_row, self.stale = value, step, dict(evals), 0
+    else:
+      self.stale += 1
+    return bool(self.patience) and self.stale > self.patience
+
+  def describe(self) -> str:
+    return (f"{self.metric} has not improved for {self.stale} evaluations (patience {self.patience}); best "
+            f"{self.best:.6g} at step {self.best_step}")
+
+
+def resolve_eval_every(config, steps_per_epoch: int) -> int:
+  """`eval_every` in steps (0 = only at the end, -1 = never); `eval_every_epochs` > 0 wins: every that many
+  epochs (rounded to whole steps, at least 1), as RecBole's `eval_step` counts them."""
+  epochs = float(config.get("eval_every_epochs", 0) or 0)
+  if epochs < 0:
+    raise ValueError(f"eval_every_epochs must be >= 0, got {epochs}")
+  if epochs > 0:
+    return max(1, round(epochs * steps_per_epoch))
+  return int(config.eval_every)
+
+
 def _checkpoint_manager(workdir, config) -> ocp.CheckpointManager:
   ck = config.checkpoint
   policies = [cm.LatestN(n=int(ck.keep))]
@@ -391,7 +451,7 @@ def _restore_newest(mngr, abstract_state, data_iter, ckpt_dir, is_main: bool):
 
 # Config keys whose change between a run and its resumption does not change the trained result:
 # logging, checkpoint cadence, evaluation, input threads, kernel choices, the mesh layout.
-RESULT_NEUTRAL_KEYS = ("log_every", "eval_every", "checkpoint_every", "checkpoint.*", "stop_at_step",
+RESULT_NEUTRAL_KEYS = ("log_every", "eval_every", "eval_every_epochs", "checkpoint_every", "checkpoint.*", "stop_at_step",
                        "on_nonfinite", "peak_flops_per_device", "init_rng_impl", "mesh.*",
                        "data.num_threads", "data.prefetch", "data.eval_*", "eval.*",
                        "model.attention", "model.norm", "model.remat")
@@ -454,6 +514,7 @@ class _Setup:
   writer: Any
   start: int
   total_steps: int
+  eval_every: int
 
 
 def train_and_evaluate(config, workdir: str | pathlib.Path) -> RunResult:
@@ -476,6 +537,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> RunResult:
   if global_batch % (accum * dp):
     raise ValueError(f"batch_size {global_batch} must divide by grad_accum_steps x data-parallel size")
 
+  EarlyStopping(config)  # its settings are checked before anything is written
   created = is_main and not workdir.exists()
   setup = None
   try:
@@ -491,19 +553,38 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> RunResult:
     step_fn = jax.jit(make_train_step(task, setup.tx, accum, config.get("on_nonfinite", "stop"),
                                       int(config.get("grad_cache", {}).get("chunk_size", 0)), dp),
                       out_shardings=(setup.state_sh, partitioning.replicated(mesh)), donate_argnums=0)
-    state, last_eval, interrupted = _run(config, task, setup.state, step_fn, setup.data_iter, mngr, writer,
-                                         setup.schedule, mesh, setup.start, setup.total_steps, global_batch,
-                                         is_main)
-  mngr.wait_until_finished()
+    tracker = EarlyStopping(config, workdir, setup.start)
+    state, last_eval, interrupted, stopped_early = _run(
+        config, task, setup.state, step_fn, setup.data_iter, mngr, writer, setup.schedule, mesh, setup.start,
+        setup.total_steps, global_batch, is_main, tracker, setup.eval_every)
+    mngr.wait_until_finished()
+    total_steps = setup.total_steps
+    finished = stopped_early or int(jax.device_get(state.step)) == total_steps
+    export_params = state.params
+    if finished and (config.get("early_stopping") or {}).get("export_best") and tracker.best_step is not None:
+      export_params = _restore_params(mngr, state, tracker.best_step)
+      last_eval = tracker.best_row
+      writer.console(f"best {tracker.metric} = {tracker.best:.6g} at step {tracker.best_step}: "
+                     "its params are the exported model")
   mngr.close()
   writer.close()
-  total_steps = setup.total_steps
-  if int(jax.device_get(state.step)) == total_steps and is_main:
+  if finished and is_main:
     with storage.staged_dir(workdir / "model") as model_dir:  # uploaded when remote
-      task.export(state.params, model_dir)
+      task.export(export_params, model_dir)
     usage = getattr(task, "usage", "").format(workdir=workdir)
     writer.console(f"inference model: {workdir / 'model'}" + (f" ({usage})" if usage else ""))
-  return RunResult(eval=last_eval, state=state, total_steps=total_steps, interrupted=interrupted)
+  return RunResult(eval=last_eval, state=state, total_steps=total_steps, interrupted=interrupted,
+                   stopped_early=stopped_early, best_step=tracker.best_step)
+
+
+def _restore_params(mngr, state, step: int):
+  """The params of the checkpoint at `step` (kept by the BestN policy), sharded like `state`'s."""
+  if step not in mngr.all_steps():
+    raise RuntimeError(f"the best checkpoint (step {step}) is gone from {mngr.directory}; was checkpoint."
+                       "best_metric changed during the run?")
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+  return restored.state.params
 
 
 def _setup(config, workdir, mesh, global_batch: int, is_main: bool) -> _Setup:
@@ -512,6 +593,7 @@ def _setup(config, workdir, mesh, global_batch: int, is_main: bool) -> _Setup:
   task_epoch = task.steps_per_epoch(global_batch)
   total_steps = resolve_total_steps(config, task.num_train_examples, task_epoch)
   steps_per_epoch = task_epoch or max(1, math.ceil(task.num_train_examples / global_batch))
+  eval_every = resolve_eval_every(config, steps_per_epoch)
   tx, schedule = optim.make_optimizer(config.optim, total_steps, task.freeze_patterns(), steps_per_epoch)
   init_rng, train_rng = init_and_train_keys(config)
 
@@ -553,14 +635,18 @@ def _setup(config, workdir, mesh, global_batch: int, is_main: bool) -> _Setup:
   if frozen:
     writer.console(f"frozen: {frozen} of {total_leaves} param arrays")
   return _Setup(task=task, state=state, state_sh=state_sh, tx=tx, schedule=schedule, data_iter=data_iter,
-                mngr=mngr, writer=writer, start=start, total_steps=total_steps)
+                mngr=mngr, writer=writer, start=start, total_steps=total_steps, eval_every=eval_every)
 
 
 def _run(config, task, state, step_fn, data_iter, mngr, writer, schedule, mesh, start, total_steps,
-         global_batch, is_main):
+         global_batch, is_main, tracker: EarlyStopping, eval_every: int):
   stop_at = int(config.get("stop_at_step", 0) or 0)
   end = min(total_steps, stop_at) if stop_at else total_steps
-  log_every, eval_every = int(config.log_every), int(config.eval_every)
+  log_every = int(config.log_every)
+  stopped_early = keep_best = False
+  if tracker.stopped:  # a rerun of a run that already ended by early stopping: nothing left to train
+    writer.console(f"early stopping: this run already ended at step {start} ({tracker.describe()})")
+    return state, dict(tracker.best_row), False, True
   ckpt_every = int(config.checkpoint_every)
   on_nonfinite = config.get("on_nonfinite", "stop")
   peak = metrics_lib.peak_flops_per_device(float(config.get("peak_flops_per_device", 0.0)))
@@ -632,17 +718,24 @@ def _run(config, task, state, step_fn, data_iter, mngr, writer, schedule, mesh, 
         last_eval = {f"eval/{k}": float(v) for k, v in task.evaluate(state.params).items()}
         if last_eval:
           writer.write(done, last_eval)
+        stopped_early = tracker.update(done, last_eval) and done < total_steps
+        keep_best = tracker.export_best and tracker.improved  # the exported model must be on disk
+        if stopped_early:
+          writer.console(f"early stopping at step {done}: {tracker.describe()}")
         t0 = time.perf_counter()
-      if done % ckpt_every == 0 or done == end or stopper.requested:
+      if done % ckpt_every == 0 or done == end or stopper.requested or stopped_early or keep_best:
         check(pending)
         best = config.checkpoint.get("best_metric")
         save(done, last_eval if (best and eval_now and best in last_eval) else None)
+        keep_best = False
+      if stopped_early:
+        break
       if stopper.requested:
         writer.console(f"stop requested: saved step {done}; rerun the same command to resume "
                        f"(exit status {cli.EXIT_INTERRUPTED})")
         break
-    interrupted = stopper.requested and done < total_steps
+    interrupted = stopper.requested and done < total_steps and not stopped_early
   pbar.close()
   if pending is not None:
     check(pending)
-  return state, last_eval, interrupted
+  return state, last_eval, interrupted, stopped_early
