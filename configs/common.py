@@ -31,6 +31,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.grad_cache = ml_collections.ConfigDict({"chunk_size": 0})
   c.log_every = 50
   c.eval_every = 1000        # 0 = only at the end, -1 = never
+  c.eval_every_epochs = 0.0  # > 0 wins over eval_every: every this many epochs
+  # patience > 0: stop once checkpoint.best_metric has not improved for more than this many evaluations (RecBole's
+  # stopping_step); export_best: save at every improvement and export the best checkpoint's model
+  c.early_stopping = ml_collections.ConfigDict({"patience": 0, "export_best": False})
   c.checkpoint_every = 1000
   c.stop_at_step = 0         # > 0: save and exit at this step (preemptible jobs, tests)
   c.on_nonfinite = "stop"    # stop | skip

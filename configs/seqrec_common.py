@@ -26,7 +26,7 @@ def seqrec_config(arg, kind: str, **model):
   c.checkpoint.keep = 1        # + the best valid one (BestN), saved at every improvement
   # RecBole `stopping_step` 10: stop once the valid metric has not improved for more than 10 evaluations;
   # export_best: the exported model (and the final eval) is the best valid one, as RecBole tests it
-  c.early_stopping = dict(patience=10, export_best=True)
+  c.early_stopping.patience, c.early_stopping.export_best = 10, True
   c.model = dict(kind=kind, dtype="float32", **model)
   # root: prepare_seqrec's --output (holding {domain}/) or "sample" (a generated sample, for smoke runs);
   # feature: the `.feature` suffix (the seed's plm_suffix) or a path

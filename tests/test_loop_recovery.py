@@ -137,6 +137,11 @@ def test_changed_result_keys():
   old = {"seed": 1, "log_every": 5, "data": {"train_file": "a", "num_threads": 2}, "mesh": {"data": -1}}
   new = {"seed": 2, "log_every": 9, "data": {"train_file": "b", "num_threads": 8}, "mesh": {"data": 2}}
   assert loop.changed_result_keys(old, new) == ["data.train_file ('a' -> 'b')", "seed (1 -> 2)"]
+  # keys added since the run began: at their off default they change nothing; set, they do
+  added = {**old, "early_stopping": {"patience": 0, "export_best": False}, "eval_every_epochs": 0.0}
+  assert loop.changed_result_keys(old, added) == []
+  added["early_stopping"]["patience"] = 3
+  assert loop.changed_result_keys(old, added) == ["early_stopping.patience ('<unset>' -> 3)"]
 
 
 @pytest.mark.parametrize("what", ["missing data file", "bad mesh"])

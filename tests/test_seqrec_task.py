@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import recbole_torch
+from fixtures import override
 from mmret_jax.convert import sasrec as convert_sasrec
 from mmret_jax.data.sources import seqrec as seqrec_data
 from mmret_jax.eval import seqrec as seqrec_eval
@@ -46,13 +47,7 @@ def tiny(module, root, **over):
   c.log_every = 5
   c.checkpoint.async_save = False
   c.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
-  for k, v in over.items():
-    node = c
-    *path, leaf = k.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return override(c, over)
 
 
 def make_task(config, workdir):
@@ -67,15 +62,20 @@ def test_loss_equals_the_seed_on_a_real_batch(sample, tmp_path, module):
   params = jax.device_get(jax.tree.map(lambda x: x.value if hasattr(x, "value") else x,
                                        task.init_params(jax.random.PRNGKey(3)),
                                        is_leaf=lambda x: hasattr(x, "value")))
+  assert set(params) == {"model", "plm_embedding"} and not params["plm_embedding"].any()  # zeros until load_init
+  assert task.freeze_patterns() == (r"^plm_embedding$",) and task.load_init_always
+  params = task.load_init(params)
+  np.testing.assert_array_equal(params["plm_embedding"], task.data.plm_table)
   rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda p: (p + 0.05 * rng.standard_normal(p.shape)).astype(np.float32), params)
+  params["model"] = jax.tree.map(lambda p: (p + 0.05 * rng.standard_normal(p.shape)).astype(np.float32),
+                                 params["model"])
   it = task.train_iterator(48)
   batch = next(it)
   for _ in range(task.steps_per_epoch(48) - 1):  # the epoch's last batch: padded
     batch = next(it)
   real = batch["weight"] > 0
   assert 0 < real.sum() < 48, "the last batch of an epoch is partial here"
-  sd = convert_sasrec.to_torch(params, task.model_config, task.data.plm_table)
+  sd = convert_sasrec.to_torch(params["model"], task.model_config, task.data.plm_table)
   ref = recbole_torch.build(dataclasses.asdict(task.model_config), torch.from_numpy(task.data.plm_table))
   ref.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()})
   ref.eval()  # no dropout, clean gating (the task's train=False)
@@ -86,10 +86,15 @@ def test_loss_equals_the_seed_on_a_real_batch(sample, tmp_path, module):
                           train=False)
   assert abs(float(got) - want) <= 1e-5 * max(1.0, abs(want)), (float(got), want)
   assert float(aux["rows"]) == real.sum()
+  # the feature table is an argument of the compiled step, not a constant baked into its program
+  hlo = jax.jit(lambda p, b: task.loss_fn(p, b, jax.random.PRNGKey(0))[0]).lower(
+      params, {k: v for k, v in batch.items() if k != "index"}).as_text()
+  n, d = task.data.plm_table.shape
+  assert f"tensor<{n}x{d}xf32>" in hlo.split("\n", 3)[1]  # in @main's signature
+  assert not any("constant dense" in l and f"{n}x{d}" in l for l in hlo.splitlines())
   # the full-sort scores are the seed's full_sort_predict
   seq, ln = batch["item_seq"][real][:5], batch["seq_len"][real][:5]
-  ours = np.asarray(jax.jit(lambda p, s, l: task.model.apply({"params": p}, s, l, task.plm, True,
-                                                              method=type(task.model).scores))(params, seq, ln))
+  ours = np.asarray(jax.jit(task.scores)(params, seq, ln))
   with torch.no_grad():
     theirs = ref.full_sort_predict(torch.from_numpy(seq).long(), torch.from_numpy(ln).long()).numpy()
   np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)

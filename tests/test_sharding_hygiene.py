@@ -34,7 +34,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # (config file, arg, run the end-of-training evaluation too)
 TASKS = [("blair_base", "smoke", True), ("blair_clip", "smoke", True), ("cir_cirr", "smoke", True),
          ("uniir_clip_sf", "smoke", True), ("uniir_blip_ff", "smoke", True), ("bagformer_muge", "smoke", True),
-         ("mblip_mt0", "instruct,smoke", True)]
+         ("mblip_mt0", "instruct,smoke", True), ("seqrec_unisrec", "smoke", True)]
 MIXED = (2, 2, 2)  # data, fsdp, tensor
 FSDP_TASKS = [("blair_base", "smoke")]  # each task adds two compiled steps (~30 s on 2 cores)
 

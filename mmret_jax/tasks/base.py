@@ -79,6 +79,10 @@ class Task:
     """Params after each optimizer update -> params (e.g. a clamped temperature). Default: as they are."""
     return params
 
+  # True: `load_init` runs before step 0 even without `config.init_from` (a task whose params hold data, e.g.
+  # seqrec's frozen feature table, that `init_params` cannot make without baking it into a compiled program).
+  load_init_always = False
+
   def load_init(self, params: Any) -> Any:
     """Host params -> host params with `config.init_from` weights put in (default: unchanged)."""
     return params

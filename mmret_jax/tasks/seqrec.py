@@ -26,14 +26,15 @@ import pathlib
 import tempfile
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmret_jax.data.sources import seqrec as seqrec_data
 from mmret_jax.eval import seqrec as seqrec_eval
 from mmret_jax.models import sasrec
 from mmret_jax.tasks.base import Task
-from mmret_jax.train import partitioning
 
 FEATURE_FILE = "item_features.npy"
 
@@ -78,8 +79,12 @@ class SeqRecTask(Task):
         print(f"{name}: skipped {split.counts['skipped']} rows ({split.counts['skip_reasons']})")
     self.model_config = model_config(config, self.data)
     self.model = sasrec.SeqRecModel(self.model_config, dtype=jnp.dtype(config.model.get("dtype", "float32")))
-    self.plm = jax.device_put(jnp.asarray(self.data.plm_table, jnp.float32), partitioning.replicated(mesh))
     self._score = None
+
+  # The frozen feature table is the param `plm_embedding` (as in the seed's state dict): an argument of the compiled
+  # step, never a constant baked into its program (jit embeds closed-over arrays), saved with the checkpoints.
+  # `init_params` makes zeros (traceable, no constant) and `load_init` puts the features in, before step 0.
+  load_init_always = True
 
   @property
   def num_train_examples(self) -> int:
@@ -89,17 +94,34 @@ class SeqRecTask(Task):
     return seqrec_data.steps_per_epoch(self.num_train_examples, global_batch)
 
   def init_params(self, rng):
-    return sasrec.init_params(self.model_config, rng)
+    table = jnp.zeros(self.data.plm_table.shape, jnp.float32)
+    return {"model": sasrec.init_params(self.model_config, rng),
+            "plm_embedding": nn.LogicallyPartitioned(table, ("vocab", None))}
+
+  def freeze_patterns(self) -> tuple[str, ...]:
+    return (r"^plm_embedding$",)
+
+  def load_init(self, params):
+    """The item features into the zeros `init_params` made (shapes checked by the loop's restore / here)."""
+    table = np.asarray(params["plm_embedding"])
+    if table.shape != self.data.plm_table.shape:
+      raise ValueError(f"plm_embedding has shape {table.shape}, the features {self.data.plm_table.shape}")
+    return {**params, "plm_embedding": np.asarray(self.data.plm_table, table.dtype)}
 
   def train_iterator(self, per_process_batch: int):
     d = self.config.data
     return seqrec_data.train_batches(self.data, int(self.config.seed), per_process_batch * jax.process_count(),
                                      per_process_batch, jax.process_index(), int(d.num_threads), int(d.prefetch))
 
+  def scores(self, params, item_seq, seq_len, rng=None, train: bool = False):
+    """[B, N] float32: the seed's full_sort_predict (train: with dropout and gating noise from `rng`)."""
+    plm = jax.lax.stop_gradient(params["plm_embedding"])  # frozen: no gradient computed for the table
+    return self.model.apply({"params": params["model"]}, item_seq, seq_len, plm, not train,
+                            method=sasrec.SeqRecModel.scores, rngs={"dropout": rng} if train else None)
+
   def logits(self, params, item_seq, seq_len, rng=None, train: bool = False):
     """[B, N] float32: the seed's training logits (UniSRec: cosine / temperature)."""
-    logits = self.model.apply({"params": params}, item_seq, seq_len, self.plm, not train,
-                              method=sasrec.SeqRecModel.scores, rngs={"dropout": rng} if train else None)
+    logits = self.scores(params, item_seq, seq_len, rng, train)
     if self.model_config.cosine:
       logits = logits / self.model_config.temperature
     return logits
@@ -117,8 +139,7 @@ class SeqRecTask(Task):
     ks = tuple(int(k) for k in self.config.eval.ks)
     bs = int(self.config.eval.batch_size)
     if self._score is None:
-      self._score = jax.jit(lambda p, s, l: self.model.apply({"params": p}, s, l, self.plm, True,
-                                                              method=sasrec.SeqRecModel.scores))
+      self._score = jax.jit(self.scores)
     out = {}
     for name in self.config.eval.splits:
       split = self.data[name]
@@ -129,12 +150,13 @@ class SeqRecTask(Task):
     return out
 
   def export(self, params, dst: pathlib.Path) -> None:
-    """A converted dir (family `sasrec`: config.json = SASRecConfig fields, params) plus `seqrec.json` naming the
-    data it was trained on (root, domain, feature file); the feature table itself is not copied."""
+    """A converted dir (family `sasrec`: config.json = SASRecConfig fields, params without the feature table) plus
+    `seqrec.json` naming the data it was trained on (root, domain, feature file), where the table is read from."""
     from mmret_jax.convert.core import write_converted  # pylint: disable=import-outside-toplevel
     dst = pathlib.Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    write_converted(dst, family="sasrec", hf_config=dataclasses.asdict(self.model_config), params=jax.device_get(params),
+    write_converted(dst, family="sasrec", hf_config=dataclasses.asdict(self.model_config),
+                    params=jax.device_get(params["model"]),
                     meta={"task": "seqrec"}, tokenizer_src=None)
     d = self.config.data
     files = {k: str(pathlib.Path(v).absolute()) for k, v in self.data.files.items()}

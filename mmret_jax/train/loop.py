@@ -480,6 +480,8 @@ def changed_result_keys(old: dict, new: dict) -> list[str]:
   for key in sorted(set(a) | set(b)):
     if a.get(key, "<unset>") == b.get(key, "<unset>"):
       continue
+    if key not in a and not b[key]:  # a key added since, at its off default (0, False, ""): nothing changed
+      continue
     if any(fnmatch.fnmatchcase(key, pat) for pat in RESULT_NEUTRAL_KEYS):
       continue
     out.append(f"{key} ({a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r})")
@@ -619,7 +621,7 @@ def _setup(config, workdir, mesh, global_batch: int, is_main: bool) -> _Setup:
     start, state = _restore_newest(mngr, abstract, data_iter, workdir / "checkpoints", is_main)
     if state is None:
       state = jax.jit(lambda: nn.unbox(boxed_state()), out_shardings=state_sh)()
-      if config.get("init_from"):
+      if config.get("init_from") or getattr(task, "load_init_always", False):
         host = task.load_init(jax.device_get(state.params))
         params = jax.device_put(host, state_sh.params)
         state = jax.jit(lambda p: make_state(task, tx, p, train_rng), out_shardings=state_sh)(params)
