@@ -3,7 +3,7 @@ r"""UniSRec (inductive_ft) over BLaIR item features, the seed's `seq_rec_results
   python -m mmret_jax.data.prepare_seqrec --domain All_Beauty --interactions benchmark/0core_timestamp_w_his \
       --meta raw/meta_categories --output dataset/processed --model ckpt/blair-base --feature-name blair-roberta-base
   python -m mmret_jax.main --config=configs/seqrec_unisrec.py:domain=All_Beauty --workdir=runs/unisrec_beauty
-  python -m mmret_jax.main --config=configs/seqrec_unisrec.py:smoke --workdir=runs/seqrec_smoke   # CPU, ~1 minute
+  python -m mmret_jax.main --config=configs/seqrec_unisrec.py:smoke --workdir=runs/seqrec_smoke   # CPU, minutes
 
 Seed: 2 layers, 2 heads, hidden 300, inner 256, dropouts 0.5, MoE adaptor 8 experts 768 -> 300 (dropout 0.2),
 cosine logits / 0.07, CE over all items; RecBole: Adam 1e-3, batch 2048, eval every epoch on valid NDCG@10,
