@@ -21,12 +21,16 @@ CORPUS = [
 ]
 
 
-def simulated_devices(n: int, extra: str = "") -> str:
+def simulated_devices(n: int, extra: str = "", rendezvous_timeout: int = 900) -> str:
   """XLA_FLAGS for a subprocess with `n` simulated CPU devices. XLA's in-process collectives abort the program when
   one device thread is 40 s late to a rendezvous; on a loaded 2-core CI machine (xdist workers side by side) one
-  can be, so the wait before aborting is raised (a real deadlock still ends, after 15 minutes)."""
-  return (f"--xla_force_host_platform_device_count={n} --xla_cpu_collective_call_terminate_timeout_seconds=900 "
-          f"{extra}").strip()
+  can be, so the wait before aborting is raised (a real deadlock still ends, after `rendezvous_timeout` s)."""
+  return (f"--xla_force_host_platform_device_count={n} "
+          f"--xla_cpu_collective_call_terminate_timeout_seconds={rendezvous_timeout} {extra}").strip()
+
+
+# How XLA:CPU ends a program whose device threads wait at a collective rendezvous past the terminate timeout.
+XLA_CPU_RENDEZVOUS_ABORT = "exceeded. Exiting to ensure a consistent program state"
 
 
 def roberta_tokenizer(vocab_size: int = 300):
