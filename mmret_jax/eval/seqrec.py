@@ -159,7 +159,9 @@ def evaluate_model(model_dir: str | pathlib.Path, *, data_root: str | None = Non
                      f"{config.n_items} x {config.plm_size} (another domain or feature file?)")
   model = sasrec.SeqRecModel(config)
   plm = jnp.asarray(data.plm_table, jnp.float32)
-  score = jax.jit(lambda s, l: model.apply({"params": params}, s, l, plm, True, method=sasrec.SeqRecModel.scores))
+  # params and the feature table as arguments: jit would bake closed-over arrays into the program as constants
+  scores = jax.jit(lambda p, t, s, l: model.apply({"params": p}, s, l, t, True, method=sasrec.SeqRecModel.scores))
+  score = lambda s, l: scores(params, plm, s, l)  # noqa: E731
   out = {}
   for name in splits:
     split = data[name]
